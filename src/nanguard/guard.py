@@ -1,0 +1,903 @@
+"""The step lifecycle: check every optimizer step on the device, act before a bad update lands.
+
+Two ways to use it, one per style of loop::
+
+    guard = nanguard.Guard(model, optimizer)      # then train exactly as before:
+    loss.backward(); optimizer.step()             #   every step is now checked
+
+    loss = guard.step(closure)                    # closure = zero_grad + forward + loss + backward
+
+Per step the guard computes, on the device and without synchronising: whether the loss is finite,
+the total gradient norm (the quantity clipping computes; it is non-finite exactly when a gradient
+is), a weight check at a configurable cadence, and z-scores of loss and grad norm against robust
+running statistics. With a fused optimizer the verdict goes to the optimizer as ``found_inf`` (as
+``torch.amp.GradScaler`` does) and clipping as ``grad_scale``, so a bad update is skipped and a big
+one clipped inside the optimizer's own kernel; the host reads the verdict back later, asynchronously.
+Other optimizers need one small synchronisation per step to decide whether to call ``step``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanguard import distributed as dist_utils
+from nanguard.capture import StepRecorder, named_call_arguments
+from nanguard.config import GuardConfig, resolve_config
+from nanguard.errors import TrainingAborted, UsageError
+from nanguard.events import Diagnosis, Event
+from nanguard.forensics.request import InvestigationRequest, RngState, StepCapture
+from nanguard.policy import EscalationPolicy
+from nanguard.record import EventLog, HistoryLog, NullSink, Sink, write_json_atomic
+from nanguard.signals import DeviceReadback, all_finite, grads_of, scale_grads_, total_norm
+from nanguard.snapshot import SnapshotRing, restore, save_checkpoint
+from nanguard.spikes import RunningStats
+from nanguard.triage import quick_diagnosis
+
+# Layout of the per-step flag vector read back to the host.
+F_LOSS, F_NORM, F_LOSS_BAD, F_GRAD_BAD, F_WEIGHTS_BAD, F_LOSS_SPIKE, F_GRAD_SPIKE = range(7)
+F_CLIPPED, F_SCALER_OVERFLOW, F_BAD, F_POST_WEIGHTS_BAD, F_LOSS_SCALE, F_HAS_LOSS = range(7, 13)
+N_FLAGS = 13
+
+_ACTIVE_GUARDS: weakref.WeakSet[Guard] = weakref.WeakSet()
+_BACKWARD_PATCHED = False
+
+
+def _install_backward_patch() -> None:
+    """Route every ``backward()`` through the active guards, so they see the loss without code changes."""
+    global _BACKWARD_PATCHED
+    if _BACKWARD_PATCHED:
+        return
+    _BACKWARD_PATCHED = True
+    original_tensor_backward = torch.Tensor.backward
+    original_autograd_backward = torch.autograd.backward
+
+    def tensor_backward(self: torch.Tensor, gradient: Any = None, *args: Any, **kwargs: Any) -> Any:
+        for guard in list(_ACTIVE_GUARDS):
+            guard._on_backward(self, gradient)
+        return original_tensor_backward(self, gradient, *args, **kwargs)
+
+    def autograd_backward(tensors: Any, grad_tensors: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(tensors, torch.Tensor) and _ACTIVE_GUARDS:
+            for guard in list(_ACTIVE_GUARDS):
+                guard._on_backward(tensors, grad_tensors if isinstance(grad_tensors, torch.Tensor) else None)
+        return original_autograd_backward(tensors, grad_tensors, *args, **kwargs)
+
+    tensor_backward.__wrapped__ = original_tensor_backward  # type: ignore[attr-defined]
+    torch.Tensor.backward = tensor_backward  # type: ignore[method-assign]
+    torch.autograd.backward = autograd_backward  # type: ignore[assignment]
+
+
+def _is_fused(optimizer: torch.optim.Optimizer) -> bool:
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and bool(optimizer.defaults.get("fused"))
+
+
+class Guard:
+    """Guards one optimizer (and the model(s) it trains). See the module docstring."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module | Sequence[torch.nn.Module] | None,
+        optimizer: torch.optim.Optimizer,
+        *,
+        config: GuardConfig | str | dict[str, Any] | None = None,
+        scheduler: Any = None,
+        scaler: Any = None,
+        out_dir: str | Path | None = None,
+        sinks: Iterable[Sink] = (),
+        **overrides: Any,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise UsageError(f"Guard(optimizer=...) needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.config = resolve_config(config, **overrides)
+        self.models: list[torch.nn.Module] = [] if model is None else [model] if isinstance(model, torch.nn.Module) else list(model)
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.scaler = scaler
+        self.rank = dist_utils.rank()
+        self.is_writer = self.rank == 0
+        self.out_dir = Path(out_dir if out_dir is not None else self.config.out_dir)
+        self.fused = _is_fused(optimizer)
+        mode = self.config.sync_mode
+        self.device_mode = self.fused and mode != "sync" if mode == "auto" else mode == "device" and self.fused
+        if mode == "device" and not self.fused:
+            warnings.warn("nanguard: sync_mode='device' needs a fused optimizer (fused=True); using one sync per step", stacklevel=2)
+
+        self.step_count = 0
+        self.skipped_total = 0
+        self.rollbacks_total = 0
+        self.clipped_total = 0
+        self.events: list[Event] = []
+        self.policy = EscalationPolicy(self.config)
+        self.snapshots = SnapshotRing(self.config.snapshot_keep)
+        self.readback = DeviceReadback()
+        self.recorder = StepRecorder()
+        spikes = self.config.spikes
+        self.loss_stats = RunningStats(alpha=spikes.ema_alpha, warmup=spikes.warmup_steps, clip_z=spikes.clip_z)
+        self.grad_stats = RunningStats(alpha=spikes.ema_alpha, warmup=spikes.warmup_steps, clip_z=spikes.clip_z)
+        self.loss_history: deque[float] = deque(maxlen=max(256, self.config.divergence_window))
+        self.grad_history: deque[float] = deque(maxlen=256)
+        self.batch_scale_history: dict[str, deque[float]] = {}
+        self.scale_readback = DeviceReadback()
+        self._batch_scale_names: dict[int, list[str]] = {}
+        self._pending_loss: torch.Tensor | None = None
+        self._scaled: dict[int, tuple[weakref.ref[torch.Tensor], torch.Tensor]] = {}
+        self._user_norm: tuple[int, torch.Tensor] | None = None
+        self._skip_remaining = 0
+        self._scheduler_hold = False
+        self._scaler_overflow_streak = 0
+        self._investigations = 0
+        self._closure_capture: StepCapture | None = None
+        self._pending_captures: dict[int, tuple[StepCapture | None, dict[str, Any]]] = {}
+        self._closed = False
+        self._aborted = False
+        self._started = time.time()
+        self._param_cache: tuple[int, list[torch.Tensor]] | None = None
+        self._hook_handles: list[Any] = []
+        self._divergence_cooldown = 0
+
+        self.sinks: list[Sink] = list(sinks)
+        if self.is_writer:
+            _set_aside_previous_run(self.out_dir)
+            self.sinks[:0] = [EventLog(self.out_dir / "events.jsonl"), HistoryLog(self.out_dir / "history.csv")]
+            self.sinks += self._optional_sinks()
+        self._install()
+        if self.config.snapshot_every:
+            self._take_snapshot()
+
+    # ------------------------------------------------------------------ setup
+    def _optional_sinks(self) -> list[Sink]:
+        sinks: list[Sink] = []
+        if self.config.console:
+            try:
+                from nanguard.console import LiveConsole
+
+                sinks.append(LiveConsole())
+            except ImportError:
+                pass
+        if self.config.tensorboard:
+            from nanguard.tensorboard import TensorBoardSink
+
+            sinks.append(TensorBoardSink(self.out_dir / "tensorboard"))
+        return sinks or [NullSink()]
+
+    def _install(self) -> None:
+        original_step = self.optimizer.step
+        guard = self
+
+        def guarded_step(*args: Any, **kwargs: Any) -> Any:
+            return guard._guarded_step(original_step, args, kwargs)
+
+        guarded_step.__wrapped__ = original_step  # type: ignore[attr-defined]
+        guarded_step._nanguard = self  # type: ignore[attr-defined]
+        self._original_step = original_step
+        self.optimizer.step = guarded_step  # type: ignore[method-assign]
+        for model in self.models:
+            self._hook_model(model)
+        if self.scaler is not None:
+            self.attach_scaler(self.scaler)
+        if self.scheduler is not None:
+            self.attach_scheduler(self.scheduler)
+        _install_backward_patch()
+        _ACTIVE_GUARDS.add(self)
+
+    def _hook_model(self, model: torch.nn.Module) -> None:
+        recorder = self.recorder
+        guard = self
+
+        def pre_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            recorder.on_forward_start(module, args, kwargs)
+            if torch.is_grad_enabled():
+                guard._watch_batch_scale(module, args, kwargs)
+
+        def post_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            recorder.on_forward_end(module, output)
+
+        self._hook_handles.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        self._hook_handles.append(model.register_forward_hook(post_hook, with_kwargs=True))
+
+    def attach_model(self, model: torch.nn.Module) -> None:
+        if any(model is m for m in self.models):
+            return
+        self.models.append(model)
+        self._hook_model(model)
+        self.snapshots = SnapshotRing(self.config.snapshot_keep)
+        if self.config.snapshot_every:
+            self._take_snapshot()
+
+    def attach_scaler(self, scaler: Any) -> None:
+        """Watch a ``torch.amp.GradScaler``: read unscaled losses and count the steps it skips."""
+        self.scaler = scaler
+        if getattr(scaler, "_nanguard_guard", None) is self:
+            return
+        scaler._nanguard_guard = self
+        original_scale, original_step = scaler.scale, scaler.step
+        guard = self
+
+        def scale(outputs: Any) -> Any:
+            scaled = original_scale(outputs)
+            if isinstance(outputs, torch.Tensor) and isinstance(scaled, torch.Tensor):
+                guard._scaled[id(scaled)] = (weakref.ref(scaled), outputs)
+            return scaled
+
+        def step(optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+            if optimizer is not guard.optimizer:
+                return original_step(optimizer, *args, **kwargs)
+            before = guard.step_count
+            result = original_step(optimizer, *args, **kwargs)
+            if guard.step_count == before:  # GradScaler found inf and did not call optimizer.step()
+                guard._on_scaler_skip()
+            return result
+
+        scaler.scale, scaler.step = scale, step
+
+    def attach_scheduler(self, scheduler: Any) -> None:
+        """Keep an LR scheduler from advancing past a step the guard skipped."""
+        self.scheduler = scheduler
+        if getattr(scheduler, "_nanguard_guard", None) is self:
+            return
+        scheduler._nanguard_guard = self
+        original = scheduler.step
+        guard = self
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            if guard._scheduler_hold and not guard.config.advance_scheduler_on_skip:
+                guard._scheduler_hold = False
+                return None
+            return original(*args, **kwargs)
+
+        scheduler.step = step
+
+    @property
+    def scaler_enabled(self) -> bool:
+        return self.scaler is not None and bool(getattr(self.scaler, "is_enabled", lambda: False)())
+
+    # ------------------------------------------------------------------ observation hooks
+    def _on_backward(self, tensor: torch.Tensor, gradient: Any) -> None:
+        loss: torch.Tensor | None = None
+        hit = self._scaled.pop(id(tensor), None)
+        if hit is not None and hit[0]() is tensor:
+            loss = hit[1]
+        elif tensor.numel() == 1:
+            loss = tensor
+        self.recorder.on_backward(tensor, gradient if isinstance(gradient, torch.Tensor) else None, loss)
+        if loss is not None and loss.numel() == 1:
+            value = loss.detach().float().reshape(())
+            self._pending_loss = value if self._pending_loss is None else self._pending_loss + value
+
+    def observe_loss(self, loss: torch.Tensor) -> None:
+        """Tell the guard the loss of this step when it cannot see ``backward`` (e.g. a custom engine)."""
+        value = loss.detach().float().reshape(())
+        self._pending_loss = value if self._pending_loss is None else self._pending_loss + value
+
+    def note_clip_norm(self, norm: torch.Tensor, num_tensors: int) -> None:
+        """Reuse the total norm a ``clip_grad_norm_`` call already computed this step (no second pass)."""
+        self._user_norm = (num_tensors, norm.detach())
+
+    def _watch_batch_scale(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        named = named_call_arguments(module, args, kwargs)
+        names = [n for n, t in named.items() if t.is_floating_point() and t.numel()]
+        if not names:
+            return
+        if self.step_count in self._batch_scale_names:
+            return  # one sample of scale per step is enough (later micro-batches are alike)
+        tensors = [named[n].detach() for n in names]
+        self._batch_scale_names[self.step_count] = names
+        self.scale_readback.push(self.step_count, [t.abs().amax() for t in tensors])
+        if len(self._batch_scale_names) > 16:
+            self._fold_batch_scales()
+            for stale in sorted(self._batch_scale_names)[:-16]:
+                del self._batch_scale_names[stale]
+
+    # ------------------------------------------------------------------ the step
+    def step(self, closure: Callable[[], Any]) -> torch.Tensor | None:
+        """Run ``closure`` (zero_grad, forward, loss, backward; returns the loss) and a guarded optimizer step.
+
+        The closure is also how forensics re-runs this exact step if it goes wrong.
+        """
+        rng = RngState.capture()
+        self.recorder.reset()
+        self._pending_loss = None
+        loss = closure()
+        if isinstance(loss, torch.Tensor) and self._pending_loss is None:
+            self.observe_loss(loss)
+        self._closure_capture = StepCapture(rerun=closure, rng_state=rng)
+        if self.scaler_enabled:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        return loss
+
+    def _params(self) -> list[torch.Tensor]:
+        key = sum(len(g["params"]) for g in self.optimizer.param_groups)
+        if self._param_cache is None or self._param_cache[0] != key:
+            self._param_cache = (key, [p for g in self.optimizer.param_groups for p in g["params"]])
+        return self._param_cache[1]
+
+    def _guarded_step(self, original_step: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self._closed or self._aborted:
+            return original_step(*args, **kwargs)
+        closure = kwargs.get("closure") if "closure" in kwargs else (args[0] if args and callable(args[0]) else None)
+        if closure is not None and self._closure_capture is None:
+            # optimizer.step(closure): run it ourselves so the step stays replayable.
+            rng = RngState.capture()
+            with torch.enable_grad():
+                loss = closure()
+            if isinstance(loss, torch.Tensor) and self._pending_loss is None:
+                self.observe_loss(loss)
+            self._closure_capture = StepCapture(rerun=closure, rng_state=rng)
+            args, kwargs = (), {k: v for k, v in kwargs.items() if k != "closure"}
+        step = self.step_count
+        self.step_count += 1
+        self.recorder.stop_recording()
+        try:
+            self._process_readbacks()
+            if self._skip_remaining > 0:
+                self._skip_remaining -= 1
+                self.skipped_total += 1
+                self._scheduler_hold = True
+                self._write_row(step, None, None, "skip", "")
+                return None
+            return self._check_and_step(step, original_step, args, kwargs)
+        finally:
+            self._pending_loss = None
+            self._user_norm = None
+            self._closure_capture = None
+            if not self.device_mode:
+                self.recorder.reset()
+
+    def _check_and_step(self, step: int, original_step: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        cfg = self.config
+        params = self._params()
+        grads = grads_of(params)
+        device = grads[0].device if grads else (params[0].device if params else torch.device("cpu"))
+        self.loss_stats.to(device)
+        self.grad_stats.to(device)
+        grad_scale = getattr(self.optimizer, "grad_scale", None)
+        scaler_found_inf = getattr(self.optimizer, "found_inf", None)
+
+        if self._user_norm is not None and self._user_norm[0] >= len(grads) and grad_scale is None:
+            norm = self._user_norm[1].float().to(device)
+        else:
+            norm = total_norm(grads, device)
+        if grad_scale is not None:
+            norm = norm / grad_scale.float().to(device)
+        loss = self._pending_loss.to(device) if self._pending_loss is not None else torch.zeros((), device=device)
+        has_loss = self._pending_loss is not None
+
+        loss_bad = ~torch.isfinite(loss)
+        grad_bad = ~torch.isfinite(norm)
+        check_weights = cfg.check_weights_every and step % cfg.check_weights_every == 0
+        weights_bad = ~all_finite(params, device) if check_weights and params else torch.zeros((), dtype=torch.bool, device=device)
+        spikes_on = cfg.spikes.enabled
+        loss_spike = self.loss_stats.is_spike(loss, cfg.spikes.skip_z, cfg.spikes.loss_ratio) if spikes_on and has_loss else torch.zeros((), dtype=torch.bool, device=device)
+        grad_spike = self.grad_stats.is_spike(norm, cfg.spikes.skip_z, cfg.spikes.grad_ratio) if spikes_on else torch.zeros((), dtype=torch.bool, device=device)
+        if self.scaler_enabled:
+            scaler_overflow = grad_bad & ~loss_bad
+            if scaler_found_inf is not None:
+                scaler_overflow = scaler_overflow | (scaler_found_inf.to(device) > 0)
+        else:
+            scaler_overflow = torch.zeros((), dtype=torch.bool, device=device)
+        bad = loss_bad | (grad_bad & ~scaler_overflow) | weights_bad | loss_spike | grad_spike
+
+        coef = torch.ones((), device=device)
+        if cfg.clip_grad_norm is not None:
+            coef = torch.clamp(cfg.clip_grad_norm / (norm + 1e-6), max=1.0)
+        if spikes_on and cfg.spikes.adaptive_clip:
+            adaptive = torch.where(self.grad_stats.warm(), self.grad_stats.clip_value() / (norm + 1e-12), torch.ones((), device=device))
+            coef = torch.minimum(coef, torch.clamp(adaptive, max=1.0))
+        coef = torch.where(torch.isfinite(norm), coef, torch.ones((), device=device))
+        clipped = coef < 1.0
+
+        loss_scale = self.scaler._scale.float().reshape(()).to(device) if self.scaler_enabled and getattr(self.scaler, "_scale", None) is not None else torch.zeros((), device=device)
+        flags = torch.stack([
+            loss.float(), norm.float(), loss_bad.float(), grad_bad.float(), weights_bad.float(), loss_spike.float(),
+            grad_spike.float(), clipped.float(), scaler_overflow.float(), bad.float(), torch.zeros((), device=device), loss_scale,
+            torch.full((), float(has_loss), device=device),
+        ])
+        per_rank = dist_utils.gather_flags(flags)
+        if per_rank.shape[0] > 1:
+            # Every rank takes the same decision: the element-wise max over ranks of every flag.
+            merged = per_rank.amax(dim=0)
+            flags = torch.cat([flags[:2], merged[2:F_POST_WEIGHTS_BAD], flags[F_POST_WEIGHTS_BAD:]])
+            bad = merged[F_BAD] > 0
+            scaler_overflow = merged[F_SCALER_OVERFLOW] > 0
+        self._current_per_rank = per_rank
+
+        if self.device_mode:
+            return self._device_step(step, original_step, args, kwargs, flags, bad, scaler_overflow, coef, grad_scale, scaler_found_inf, params, device)
+        return self._sync_step(step, original_step, args, kwargs, flags, coef, grads, params, device)
+
+    def _apply_lr_multiplier(self) -> list[Any]:
+        saved = [group["lr"] for group in self.optimizer.param_groups]
+        if self.policy.lr_multiplier != 1.0:
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["lr"] * self.policy.lr_multiplier
+        return saved
+
+    def _restore_lr(self, saved: list[Any]) -> None:
+        for group, lr in zip(self.optimizer.param_groups, saved):
+            group["lr"] = lr
+
+    def _current_lr(self) -> float | None:
+        lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None
+        if isinstance(lr, torch.Tensor):
+            return None
+        return float(lr) * self.policy.lr_multiplier if lr is not None else None
+
+    def _update_stats(self, flags: torch.Tensor, accept: torch.Tensor) -> None:
+        if self._pending_loss is not None:
+            self.loss_stats.update(flags[F_LOSS], accept)
+
+        self.grad_stats.update(flags[F_NORM], accept & ~(flags[F_SCALER_OVERFLOW] > 0))
+
+    def _sync_step(self, step: int, original_step: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                   flags: torch.Tensor, coef: torch.Tensor, grads: list[torch.Tensor], params: list[torch.Tensor], device: torch.device) -> Any:
+        values = flags.tolist()  # the one synchronisation of this step
+        capture, batch = self._capture_for_event(step) if values[F_BAD] else (None, {})
+        if values[F_BAD]:
+            self._update_stats(flags, torch.zeros((), dtype=torch.bool, device=device))
+            self._handle_bad_step(step, values, capture=capture, batch=batch, update_applied=False)
+            return None
+        if values[F_SCALER_OVERFLOW]:
+            self._scaler_skipped_step(values)
+            return None
+        if values[F_CLIPPED]:
+            scale_grads_(grads, coef)
+            self.clipped_total += 1
+        saved = self._apply_lr_multiplier()
+        try:
+            result = original_step(*args, **kwargs)
+        finally:
+            self._restore_lr(saved)
+        self._update_stats(flags, torch.ones((), dtype=torch.bool, device=device))
+        post_bad = False
+        cfg = self.config
+        if cfg.check_weights_every and step % cfg.check_weights_every == 0 and params:
+            post_bad = not bool(all_finite(params, device))
+        if post_bad:
+            values[F_POST_WEIGHTS_BAD] = 1.0
+            self._handle_bad_step(step, values, capture=None, batch={}, update_applied=True)
+            return result
+        self._good_step(step, values)
+        return result
+
+    def _device_step(self, step: int, original_step: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                     flags: torch.Tensor, bad: torch.Tensor, scaler_overflow: torch.Tensor, coef: torch.Tensor,
+                     grad_scale: torch.Tensor | None, scaler_found_inf: torch.Tensor | None,
+                     params: list[torch.Tensor], device: torch.device) -> Any:
+        opt = self.optimizer
+        had_scale, had_found = hasattr(opt, "grad_scale"), hasattr(opt, "found_inf")
+        found = torch.maximum(bad.float(), scaler_overflow.float())
+        opt.found_inf = found  # type: ignore[attr-defined]
+        # Clipping folded into the fused kernel's unscale: grads / (grad_scale / coef) == grads * coef / grad_scale.
+        base_scale = grad_scale.float().to(device) if grad_scale is not None else torch.ones((), device=device)
+        opt.grad_scale = base_scale / coef  # type: ignore[attr-defined]
+        saved = self._apply_lr_multiplier()
+        try:
+            result = original_step(*args, **kwargs)
+        finally:
+            self._restore_lr(saved)
+            for attr, had, value in (("grad_scale", had_scale, grad_scale), ("found_inf", had_found, scaler_found_inf)):
+                if had:
+                    setattr(opt, attr, value)
+                elif hasattr(opt, attr):
+                    delattr(opt, attr)
+        self._update_stats(flags, ~(found > 0))
+        cfg = self.config
+        if cfg.check_weights_every and step % cfg.check_weights_every == 0 and params:
+            flags = flags.clone()
+            flags[F_POST_WEIGHTS_BAD] = (~all_finite(params, device) & ~(found > 0)).float()
+        self._pending_captures[step] = self._capture_refs(step)
+        self.readback.push(step, list(flags.unbind()))
+        if device.type != "cuda":
+            self._process_readbacks()
+        return result
+
+    # ------------------------------------------------------------------ host side of the verdict
+    def _capture_refs(self, step: int) -> tuple[StepCapture | None, dict[str, Any]]:
+        """Keep what a replay of ``step`` needs until its verdict is read back (references only)."""
+        calls = list(self.recorder.calls)
+        closure_capture = self._closure_capture
+        self.recorder.calls = []
+        # Keep only the last few steps' references.
+        for old in [s for s in self._pending_captures if s < step - 4]:
+            del self._pending_captures[old]
+        return closure_capture, {"calls": calls}
+
+    def _capture_for_event(self, step: int) -> tuple[StepCapture | None, dict[str, Any]]:
+        """The replay recipe and named batch for the step being decided now (sync mode)."""
+        return self._build_capture(self._closure_capture, list(self.recorder.calls))
+
+    def _build_capture(self, closure_capture: StepCapture | None, calls: list[Any]) -> tuple[StepCapture | None, dict[str, Any]]:
+        recorder = StepRecorder()
+        recorder.calls = calls
+        batch, self._renamed = _rename_from_frames(recorder.batch())
+        if closure_capture is not None:
+            closure_capture.batch = batch
+            return closure_capture, batch
+        if not calls or not recorder.replayable():
+            return None, batch
+        first = calls[0]
+        capture = StepCapture(
+            rerun=recorder.build_rerun(),
+            batch=batch,
+            rng_state=first.rng,
+            autocast_dtype=first.autocast[1] if first.autocast else None,
+            device_type=first.autocast[0] if first.autocast else "cpu",
+        )
+        return capture, batch
+
+    def _process_readbacks(self, wait: bool = False) -> None:
+        self._fold_batch_scales(wait)
+        for item in self.readback.poll(wait=wait):
+            values = item.values()
+            refs = self._pending_captures.pop(item.step, (None, {"calls": []}))
+            if values[F_BAD]:
+                capture, batch = self._build_capture(refs[0], refs[1].get("calls", []))
+                self._handle_bad_step(item.step, values, capture=capture, batch=batch, update_applied=False, state_is_pre_step=item.step == self.step_count - 1)
+            elif values[F_POST_WEIGHTS_BAD]:
+                self._handle_bad_step(item.step, values, capture=None, batch={}, update_applied=True)
+            elif values[F_SCALER_OVERFLOW]:
+                self._scaler_skipped_step(values, step=item.step)
+            else:
+                if values[F_CLIPPED]:
+                    self.clipped_total += 1
+                self._good_step(item.step, values)
+
+    def _good_step(self, step: int, values: list[float]) -> None:
+        self.policy.on_good_step()
+        self._scaler_overflow_streak = 0
+        loss = values[F_LOSS] if values[F_HAS_LOSS] else None
+        norm = values[F_NORM]
+        if loss is not None:
+            self.loss_history.append(loss)
+        self.grad_history.append(norm)
+        self._write_row(step, loss, norm, "clip" if values[F_CLIPPED] else "none", "", loss_scale=values[F_LOSS_SCALE])
+        if self.config.snapshot_every and step > 0 and step % self.config.snapshot_every == 0:
+            self._take_snapshot()
+        self._check_divergence(step, values)
+
+    def _fold_batch_scales(self, wait: bool = False) -> None:
+        """Move batch abs-maxima that have reached the host into the per-field history (median-robust)."""
+        for item in self.scale_readback.poll(wait=wait):
+            names = self._batch_scale_names.pop(item.step, [])
+            for name, value in zip(names, item.values()):
+                self.batch_scale_history.setdefault(name, deque(maxlen=64)).append(value)
+
+    def _on_scaler_skip(self) -> None:
+        """GradScaler skipped without calling ``optimizer.step()``: a normal overflow, unless the loss itself is bad."""
+        loss = self._pending_loss
+        self.recorder.stop_recording()
+        try:
+            if loss is not None and not bool(torch.isfinite(loss)):  # the scaler synchronised already
+                step = self.step_count
+                self.step_count += 1
+                values = [float("nan")] * N_FLAGS
+                values[F_LOSS], values[F_NORM] = float(loss), float("nan")
+                for flag in (F_LOSS_BAD, F_GRAD_BAD, F_BAD, F_HAS_LOSS):
+                    values[flag] = 1.0
+                for flag in (F_WEIGHTS_BAD, F_LOSS_SPIKE, F_GRAD_SPIKE, F_CLIPPED, F_SCALER_OVERFLOW, F_POST_WEIGHTS_BAD):
+                    values[flag] = 0.0
+                values[F_LOSS_SCALE] = float(self.scaler.get_scale()) if self.scaler_enabled else 0.0
+                capture, batch = self._capture_for_event(step)
+                self._handle_bad_step(step, values, capture=capture, batch=batch, update_applied=False)
+            else:
+                self._scaler_skipped_step()
+        finally:
+            self._pending_loss = None
+            self._closure_capture = None
+            self.recorder.reset()
+
+    def _scaler_skipped_step(self, values: list[float] | None = None, step: int | None = None) -> None:
+        """GradScaler's own overflow skip: normal early in fp16 training, an event only if it persists."""
+        if step is None and values is None:
+            step = self.step_count
+            self.step_count += 1
+        step = step if step is not None else self.step_count - 1
+        self._scaler_overflow_streak += 1
+        self.skipped_total += 1
+        self._write_row(step, values[F_LOSS] if values else None, values[F_NORM] if values else None, "skip", "")
+        if self._scaler_overflow_streak >= self.config.scaler_overflow_patience:
+            self._scaler_overflow_streak = 0
+            scale = float(self.scaler.get_scale()) if self.scaler_enabled else float("nan")
+            diagnosis = Diagnosis(
+                cause="backward_overflow", phase="backward", confidence=0.6,
+                evidence=[f"GradScaler skipped {self.config.scaler_overflow_patience} steps in a row; loss scale is now {scale:.3g}"],
+                fixes=["find the layer whose gradients overflow float16 (run with the 'forensic' preset)",
+                       "train in bf16 instead of fp16", "lower the learning rate"],
+            )
+            self._emit(Event(step=step, trigger="nonfinite_grad", action="skip", diagnosis=diagnosis,
+                             loss=values[F_LOSS] if values else None, grad_norm=values[F_NORM] if values else None,
+                             lr=self._current_lr(), rank=self.rank))
+
+    def _check_divergence(self, step: int, values: list[float]) -> None:
+        window = self.config.divergence_window
+        if self._divergence_cooldown > 0:
+            self._divergence_cooldown -= 1
+            return
+        if len(self.loss_history) < window:
+            return
+        recent = list(self.loss_history)[-window:]
+        quarter = window // 4
+        means = [sum(recent[i * quarter:(i + 1) * quarter]) / quarter for i in range(4)]
+        low = min(means[:3])
+        rising = means[1] < means[2] < means[3] or (means[3] > means[2] and means[3] > means[1])
+        if low > 0 and means[3] > self.config.divergence_ratio * low and rising and all(map(math.isfinite, means)):
+            self._divergence_cooldown = window
+            self._handle_bad_step(step, values, capture=None, batch={}, update_applied=False, trigger_override="divergence",
+                                  extra_evidence=[f"mean loss over the last {quarter} steps is {means[3]:.4g}, {means[3] / low:.2f}x the lowest quarter mean {low:.4g} in the last {window} steps"])
+
+    def _trigger_of(self, values: list[float]) -> str:
+        if values[F_POST_WEIGHTS_BAD] or values[F_WEIGHTS_BAD]:
+            return "nonfinite_weights"
+        if values[F_LOSS_BAD]:
+            return "nonfinite_loss"
+        if values[F_GRAD_BAD]:
+            return "nonfinite_grad"
+        if values[F_LOSS_SPIKE]:
+            return "loss_spike"
+        if values[F_GRAD_SPIKE]:
+            return "grad_spike"
+        return "nonfinite_grad"
+
+    def _spike_summary(self) -> dict[str, float]:
+        loss, grad = self.loss_stats.host_summary(), self.grad_stats.host_summary()
+        return {"loss_mean": loss["mean"], "loss_std": loss["std"], "grad_mean": grad["mean"], "grad_std": grad["std"], "warm_steps": loss["count"]}
+
+    def _handle_bad_step(self, step: int, values: list[float], *, capture: StepCapture | None, batch: dict[str, Any],
+                         update_applied: bool, state_is_pre_step: bool = True, trigger_override: str | None = None,
+                         extra_evidence: Sequence[str] = ()) -> None:
+        trigger = trigger_override or self._trigger_of(values)
+        loss, norm = values[F_LOSS], values[F_NORM]
+        bad_rank = self._bad_rank()
+        diagnosis, details = self._diagnose(step, trigger, capture, batch, loss, norm, update_applied, state_is_pre_step)
+        if extra_evidence:
+            diagnosis.evidence = [*extra_evidence, *diagnosis.evidence]
+        decision = self.policy.decide(trigger, diagnosis.cause, can_rollback=len(self.snapshots) > 0, update_applied=update_applied)
+        if decision.action in ("skip", "rollback", "abort") and not update_applied:
+            self.skipped_total += 1
+            self._scheduler_hold = True
+        if bad_rank is not None:
+            details["rank_flags"] = self._current_per_rank.tolist() if hasattr(self, "_current_per_rank") else None
+        event = Event(step=step, trigger=trigger, action=decision.action, diagnosis=diagnosis, loss=loss, grad_norm=norm,
+                      lr=self._current_lr(), rank=bad_rank if bad_rank is not None else self.rank,
+                      details={**details, "reason": decision.reason, "lr_multiplier": self.policy.lr_multiplier})
+        if decision.rollback:
+            event.details["rolled_back_to_step"] = self._rollback()
+        self._emit(event)
+        self._write_row(step, loss, norm, decision.action, trigger, loss_scale=values[F_LOSS_SCALE])
+        if decision.abort:
+            self._abort(event, decision.reason)
+
+    def _bad_rank(self) -> int | None:
+        per_rank = getattr(self, "_current_per_rank", None)
+        if per_rank is None or per_rank.shape[0] <= 1:
+            return None
+        rows = per_rank.tolist()
+        for columns in ((F_LOSS_BAD,), (F_GRAD_BAD, F_WEIGHTS_BAD), (F_LOSS_SPIKE, F_GRAD_SPIKE)):
+            for r, row in enumerate(rows):
+                if any(row[c] > 0 for c in columns):
+                    return r
+        return None
+
+    def _diagnose(self, step: int, trigger: str, capture: StepCapture | None, batch: dict[str, Any], loss: float, norm: float,
+                  update_applied: bool, state_is_pre_step: bool) -> tuple[Diagnosis, dict[str, Any]]:
+        renamed = getattr(self, "_renamed", {})
+        history = {renamed.get(k, k): list(v) for k, v in self.batch_scale_history.items()}
+        spike_stats = self._spike_summary()
+        models = self.models or []
+        if self.config.forensics and self._investigations < self.config.forensics_max_events and trigger != "divergence":
+            self._investigations += 1
+            try:
+                from nanguard import forensics
+
+                investigate = getattr(forensics, "investigate", None)
+                if investigate is not None:
+                    request = InvestigationRequest(
+                        step=step, trigger=trigger, models=models, optimizer=self.optimizer, capture=capture,
+                        loss=loss, grad_norm=norm, lr=self._current_lr(), state_is_pre_step=state_is_pre_step,
+                        update_made_weights_nonfinite=update_applied, scaler=self.scaler,
+                        loss_history=list(self.loss_history), grad_norm_history=list(self.grad_history),
+                        batch_scale_history=history, spike_stats=spike_stats,
+                    )
+                    started = time.perf_counter()
+                    with self._replay_context():
+                        result = investigate(request)
+                    details = dict(getattr(result, "details", {}) or {})
+                    details.setdefault("seconds", time.perf_counter() - started)
+                    return result.diagnosis, details
+            except Exception as exc:  # forensics must never take the run down
+                warnings.warn(f"nanguard: forensics failed at step {step}: {exc!r}", stacklevel=2)
+        diagnosis = quick_diagnosis(
+            trigger=trigger, models=models, optimizer=self.optimizer, batch=batch, batch_scale_history=history,
+            loss=loss, grad_norm=norm, spike_stats=spike_stats, update_made_weights_nonfinite=update_applied,
+        )
+        return diagnosis, {}
+
+    def _replay_context(self) -> Any:
+        """Replays must not talk to other ranks: DDP's gradient all-reduce is switched off during them."""
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        for model in self.models:
+            no_sync = getattr(model, "no_sync", None)
+            if callable(no_sync):
+                stack.enter_context(no_sync())
+        return stack
+
+    # ------------------------------------------------------------------ actions
+    def _take_snapshot(self) -> None:
+        self.snapshots.take(self.step_count, self.models, self.optimizer, self.scaler if self.scaler_enabled else None,
+                            self.scheduler, extra={"loss_stats": self.loss_stats.state_dict(), "grad_stats": self.grad_stats.state_dict()})
+
+    def _rollback(self) -> int | None:
+        snap = self.snapshots.newest_finite()
+        if snap is None:
+            return None
+        restore(snap, self.models, self.optimizer, self.scaler if self.scaler_enabled else None, None)
+        for param in self._params():
+            param.grad = None
+        self.rollbacks_total += 1
+        self.policy.after_rollback()
+        self._skip_remaining = self.config.skip_after_rollback
+        return snap.step
+
+    def _abort(self, event: Event, reason: str) -> None:
+        self._aborted = True
+        snap = self.snapshots.newest_finite()
+        checkpoint = None
+        if snap is not None and self.is_writer:
+            checkpoint = str(save_checkpoint(self.out_dir / "emergency_checkpoint.pt", snap, reason))
+        message = (
+            f"nanguard stopped the run at step {event.step}: {reason}. Last cause: {event.diagnosis.cause}"
+            + (f" ({event.diagnosis.module or event.diagnosis.tensor})" if event.diagnosis.module or event.diagnosis.tensor else "")
+            + (f". Emergency checkpoint of step {snap.step}: {checkpoint}" if checkpoint and snap else "")
+            + f". Events: {self.out_dir / 'events.jsonl'}"
+        )
+        self.close(status="aborted")
+        raise TrainingAborted(message, checkpoint=checkpoint)
+
+    # ------------------------------------------------------------------ records
+    def _emit(self, event: Event) -> None:
+        self.events.append(event)
+        if not self.is_writer:
+            return
+        payload = event.to_dict()
+        for sink in self.sinks:
+            sink.on_event(payload)
+
+    def _write_row(self, step: int, loss: float | None, norm: float | None, action: str, trigger: str, loss_scale: float | None = None) -> None:
+        if not self.is_writer:
+            return
+        if action == "none" and step % self.config.history_every:
+            return
+        row = {
+            "step": step, "time": round(time.time() - self._started, 4), "loss": loss, "grad_norm": norm, "lr": self._current_lr(),
+            "lr_multiplier": self.policy.lr_multiplier, "loss_scale": loss_scale if loss_scale else None, "action": action,
+            "trigger": trigger, "skipped_total": self.skipped_total, "rollbacks_total": self.rollbacks_total, "clipped_total": self.clipped_total,
+        }
+        for sink in self.sinks:
+            sink.on_step(row)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "steps": self.step_count, "skipped": self.skipped_total, "rollbacks": self.rollbacks_total,
+            "clipped": self.clipped_total, "events": len(self.events), "lr_multiplier": self.policy.lr_multiplier,
+            "aborted": self._aborted, "seconds": round(time.time() - self._started, 3),
+            "causes": sorted({e.diagnosis.cause for e in self.events}),
+        }
+
+    def flush(self) -> None:
+        """Read back every outstanding verdict (waits for the device) and act on it."""
+        self._process_readbacks(wait=True)
+
+    def close(self, status: str = "finished") -> None:
+        """Finish: act on outstanding verdicts, write the summary and the report, detach from the optimizer."""
+        if self._closed:
+            return
+        if not self._aborted:
+            try:
+                self.flush()
+            except TrainingAborted:
+                pass
+        self._closed = True
+        self.recorder.reset()
+        _ACTIVE_GUARDS.discard(self)
+        for handle in self._hook_handles:
+            handle.remove()
+        if getattr(self.optimizer.step, "_nanguard", None) is self:
+            self.optimizer.step = self._original_step  # type: ignore[method-assign]
+        summary = {**self.summary(), "status": status}
+        if self.is_writer:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.out_dir / "summary.json", summary)
+            for sink in self.sinks:
+                sink.close(summary)
+            if self.config.report:
+                self._write_report()
+
+    def _write_report(self) -> None:
+        try:
+            from nanguard.report import render_report
+        except ImportError:
+            return
+        try:
+            render_report(self.out_dir)
+        except Exception as exc:  # a report must never turn a finished run into a failed one
+            warnings.warn(f"nanguard: could not write the report in {self.out_dir}: {exc}", stacklevel=2)
+
+    def __enter__(self) -> Guard:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close(status="error" if exc[0] is not None and exc[0] is not TrainingAborted else "finished")
+
+
+RUN_FILES = ("events.jsonl", "history.csv", "summary.json", "report.html", "report.md", "emergency_checkpoint.pt")
+
+
+def _set_aside_previous_run(out_dir: Path) -> None:
+    """Move an earlier run's files into ``previous/<time>/`` so this run starts clean and nothing is lost."""
+    existing = [out_dir / name for name in RUN_FILES if (out_dir / name).exists()]
+    if not existing:
+        return
+    target = out_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    suffix = 0
+    while target.exists():
+        suffix += 1
+        target = target.with_name(f"{target.name.split('.')[0]}.{suffix}")
+    target.mkdir(parents=True)
+    for path in existing:
+        path.rename(target / path.name)
+    for folder in ("report_files", "tensorboard"):
+        if (out_dir / folder).is_dir():
+            (out_dir / folder).rename(target / folder)
+
+
+def _rename_from_frames(named: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Prefer the user's own names for batch tensors: a key of a dict in their loop, or a local variable.
+
+    Returns the renamed batch and the mapping from the original names.
+    """
+    if not named:
+        return named, {}
+    by_id = {id(v): k for k, v in named.items()}
+    renamed: dict[int, str] = {}
+    frame = sys._getframe(1)
+    depth = 0
+    while frame is not None and depth < 40:
+        module = frame.f_globals.get("__name__", "")
+        if not (module.startswith("nanguard") or module.startswith("torch")):
+            for var, value in list(frame.f_locals.items()):
+                if var.startswith("_"):
+                    continue
+                if isinstance(value, torch.Tensor) and id(value) in by_id:
+                    renamed.setdefault(id(value), var)
+                elif isinstance(value, dict):
+                    for key, inner in value.items():
+                        if isinstance(inner, torch.Tensor) and id(inner) in by_id and isinstance(key, str):
+                            renamed[id(inner)] = key
+            if renamed:
+                break
+        frame = frame.f_back  # type: ignore[assignment]
+        depth += 1
+    out: dict[str, Any] = {}
+    mapping: dict[str, str] = {}
+    for key, value in named.items():
+        name = renamed.get(id(value), key)
+        if name in out and out[name] is not value:
+            name = key
+        out[name] = value
+        mapping[key] = name
+    return out, mapping

@@ -1,0 +1,32 @@
+"""The guard's learning-rate multiplier over the run: where it backed off and how it recovered."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from nanguard.report.load import EventRecord, HistoryRow
+from nanguard.report.plots.style import ACTION_COLORS, figure, to_png
+
+
+def plot_lr_multiplier(history: Sequence[HistoryRow], events: Sequence[EventRecord]) -> bytes | None:
+    """A step curve of ``lr_multiplier``; ``None`` when it never leaves 1 (nothing to show)."""
+    points = [(row.step, row.lr_multiplier) for row in history
+              if row.lr_multiplier is not None and math.isfinite(row.lr_multiplier)]
+    if not points or all(math.isclose(value, 1.0) for _, value in points):
+        return None
+    steps, values = zip(*points)
+    with figure(11.5, 2.6) as fig:
+        ax = fig.subplots()
+        ax.plot(steps, values, drawstyle="steps-post", color=ACTION_COLORS["lr_backoff"], linewidth=1.6)
+        ax.fill_between(steps, values, step="post", color=ACTION_COLORS["lr_backoff"], alpha=0.12)
+        ax.axhline(1.0, color="#868e96", linewidth=0.8, linestyle=":")
+        for event in events:
+            if event.action in ("lr_backoff", "rollback"):
+                ax.axvline(event.step, color=ACTION_COLORS[event.action], linestyle="--", linewidth=1.0)
+        ax.set_ylim(0, max(1.05, max(values) * 1.05))
+        ax.set_title("LR multiplier (applied by the guard on top of your schedule)", loc="left")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("× learning rate")
+        fig.subplots_adjust(left=0.07, right=0.98, top=0.85, bottom=0.2)
+        return to_png(fig)

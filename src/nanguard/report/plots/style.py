@@ -1,0 +1,124 @@
+"""Shared figure plumbing: the matplotlib import, house style, PNG encoding, axis-scale choice."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from nanguard._optional import require
+
+DPI = 100
+ACTION_COLORS = {
+    "skip": "#e8590c",
+    "clip": "#e0a800",
+    "rollback": "#7048e8",
+    "lr_backoff": "#1c7ed6",
+    "abort": "#c92a2a",
+    "none": "#868e96",
+}
+NONFINITE_COLOR = "#c92a2a"
+LOSS_COLOR = "#364fc7"
+GRAD_COLOR = "#2b8a3e"
+
+LITERAL = {"parse_math": False}
+"""Keyword arguments for text that comes from the run: a "$" in a module name must not start mathtext."""
+
+_STYLE = {
+    "font.size": 10,
+    "axes.titlesize": 11,
+    "axes.titleweight": "bold",
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "legend.frameon": False,
+}
+
+
+def load_matplotlib() -> Any:
+    """Import matplotlib or raise the error that names ``pip install 'nanguard[report]'``."""
+    return require("matplotlib", extra="report", feature="the report's plots")
+
+
+@contextmanager
+def figure(width_in: float, height_in: float) -> Iterator[Any]:
+    """A fresh ``Figure`` on the Agg canvas, under the house style; no pyplot global state is touched."""
+    matplotlib = load_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    with matplotlib.rc_context(_STYLE):
+        fig = Figure(figsize=(width_in, height_in), dpi=DPI)
+        FigureCanvasAgg(fig)
+        yield fig
+
+
+def to_png(fig: Any) -> bytes:
+    """PNG bytes; the tight box keeps labels drawn outside the axes (event labels, limits) in the image."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, facecolor="white", bbox_inches="tight", pad_inches=0.15)
+    return buffer.getvalue()
+
+
+def choose_scale(values: Iterable[float]) -> tuple[str, float | None]:
+    """Log when finite values span more than ~1.5 decades, so a spike does not flatten the rest.
+
+    Returns ``(scale, linthresh)``; ``linthresh`` is set for "symlog", which is used when zeros or
+    negative values rule out a plain log axis but the magnitudes still span decades.
+    """
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return "linear", None
+    magnitudes = sorted(abs(v) for v in finite if v != 0)
+    if not magnitudes or magnitudes[-1] / magnitudes[0] <= 30:
+        return "linear", None
+    if min(finite) > 0:
+        return "log", None
+    # Zeros or negatives: linear near zero, logarithmic beyond the typical (median) magnitude.
+    return "symlog", magnitudes[len(magnitudes) // 2]
+
+
+def apply_scale(ax: Any, values: Iterable[float], axis: str = "y") -> str:
+    scale, linthresh = choose_scale(values)
+    setter: Callable[..., Any] = ax.set_yscale if axis == "y" else ax.set_xscale
+    if scale == "symlog":
+        setter("symlog", linthresh=linthresh)
+    else:
+        setter(scale)
+    return scale
+
+
+def shorten(text: str, limit: int = 44) -> str:
+    """Keep both ends of a long module name: the end says which layer, the start which block."""
+    if len(text) <= limit:
+        return text
+    keep = (limit - 1) // 2
+    return f"{text[:keep]}…{text[-(limit - 1 - keep):]}"
+
+
+OUTLIER_SPREADS = 50.0
+"""A value is pinned above the axis when it exceeds the 90th percentile by this many 10–90 spreads."""
+MAX_OUTLIER_FRACTION = 0.02
+"""More outliers than this and they are the data (a divergence), not spikes: draw them all."""
+
+
+def outlier_ceiling(values: Iterable[float]) -> float | None:
+    """The level above which a few extreme values are pinned to the top edge instead of plotted.
+
+    One loss of 8.7e15 among values near 2 would otherwise set the axis and flatten the whole run
+    into a line; pinned and labelled, it stays visible and the curve stays readable. ``None`` when
+    no value needs pinning.
+    """
+    finite = sorted(v for v in values if math.isfinite(v))
+    if len(finite) < 10:
+        return None
+    q10, q50, q90 = (finite[int(q * (len(finite) - 1))] for q in (0.1, 0.5, 0.9))
+    spread = max(q90 - q10, 0.05 * abs(q50), 1e-12)
+    ceiling = q90 + OUTLIER_SPREADS * spread
+    above = sum(v > ceiling for v in finite)
+    if above == 0 or above > MAX_OUTLIER_FRACTION * len(finite):
+        return None
+    return ceiling

@@ -1,0 +1,130 @@
+"""Plain-text wording shared by the report, ``nanguard events`` and the live console.
+
+One place decides how a trigger, an action, a cause and a number read, so the console line a person
+saw during training and the report they open afterwards use the same words.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+TRIGGER_WORDS = {
+    "nonfinite_loss": "non-finite loss",
+    "nonfinite_grad": "non-finite gradient",
+    "nonfinite_weights": "non-finite weights",
+    "nonfinite_input": "non-finite input",
+    "loss_spike": "loss spike",
+    "grad_spike": "gradient spike",
+    "divergence": "divergence",
+}
+
+ACTION_WORDS = {
+    "none": "recorded only",
+    "skip": "skipped",
+    "clip": "clipped",
+    "rollback": "rolled back",
+    "lr_backoff": "LR backed off",
+    "abort": "aborted",
+}
+
+CAUSE_WORDS = {
+    "input_nonfinite": "a batch tensor holds NaN/Inf",
+    "label_out_of_range": "a class label is outside [0, num_classes)",
+    "input_extreme_scale": "input values far outside the scale of the rest of the data",
+    "weights_nonfinite": "the weights were already non-finite before the step",
+    "optimizer_state_nonfinite": "optimizer state (e.g. Adam moments) is non-finite",
+    "forward_overflow": "an op overflowed its dtype in the forward pass",
+    "masked_softmax_all_masked": "a softmax row with every entry masked to -inf",
+    "masked_target_logit": "the target class's logit is masked to -inf",
+    "invalid_math_domain": "log/sqrt/div outside their domain (log 0, x/0, sqrt of <0)",
+    "backward_singularity": "forward finite, but an op's derivative is not",
+    "backward_overflow": "a gradient overflowed fp16/bf16",
+    "gradient_explosion": "gradients grew far past their running scale",
+    "loss_spike": "finite loss far above its running scale",
+    "divergence": "the loss trends upward over many steps (learning rate too high)",
+    "update_overflow": "the optimizer update made the weights non-finite",
+    "batchnorm_degenerate": "batch statistics of a single sample or zero variance",
+    "nondeterministic": "a replay of the same step was finite: a transient fault",
+    "unknown": "the evidence did not decide the cause",
+}
+
+
+def format_number(value: float | None) -> str:
+    """Four significant digits; NaN/Inf spelled as people search for them; ``None`` as a dash."""
+    if value is None:
+        return "—"
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return f"{value:.4g}"
+
+
+def trigger_phrase(trigger: str, loss: float | None = None, grad_norm: float | None = None) -> str:
+    """``nonfinite_loss`` with a NaN loss reads "NaN loss": the exact value is what people grep for."""
+    if trigger == "nonfinite_loss" and loss is not None and not math.isfinite(loss):
+        return f"{format_number(loss).lstrip('+')} loss"
+    if trigger == "nonfinite_grad" and grad_norm is not None and not math.isfinite(grad_norm):
+        return f"{format_number(grad_norm).lstrip('+')} gradient"
+    return TRIGGER_WORDS.get(trigger, trigger.replace("_", " "))
+
+
+def action_phrase(action: str) -> str:
+    return ACTION_WORDS.get(action, action.replace("_", " "))
+
+
+def cause_phrase(cause: str) -> str:
+    return CAUSE_WORDS.get(cause, cause.replace("_", " "))
+
+
+def _value(event: Mapping[str, Any], key: str) -> float | None:
+    """The event's number, or the non-finite value its ``*_repr`` field kept (JSON has no NaN)."""
+    value = event.get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    text = event.get(f"{key}_repr")
+    if isinstance(text, str):
+        try:
+            return float(text)
+        except ValueError:
+            return None
+    return None
+
+
+def where_phrase(diagnosis: Mapping[str, Any]) -> str:
+    """"module 'blocks.3.attn', op aten::_softmax, tensor 'x'" — the parts that are known."""
+    parts = []
+    for key in ("module", "op", "tensor"):
+        value = diagnosis.get(key)
+        if value is None:
+            continue
+        parts.append(f"op {value}" if key == "op" else f"{key} {str(value)!r}")
+    return ", ".join(parts)
+
+
+def event_block(event: Mapping[str, Any], *, max_evidence: int | None = 6, max_fixes: int | None = 4) -> str:
+    """One readable block for an ``events.jsonl`` record; the wording of ``Event.summary()``."""
+    diagnosis = event.get("diagnosis") or {}
+    if not isinstance(diagnosis, Mapping):
+        diagnosis = {}
+    loss = _value(event, "loss")
+    head = f"[nanguard] step {event.get('step', '?')}: {event.get('trigger', '?')} -> {event.get('action', '?')}"
+    if loss is not None:
+        head += f" (loss={format_number(loss)})"
+    cause_line = f"  cause: {diagnosis.get('cause', 'unknown')} in {diagnosis.get('phase', 'unknown')}"
+    where = where_phrase(diagnosis)
+    if where:
+        cause_line += f"; {where}"
+    confidence = diagnosis.get("confidence")
+    if isinstance(confidence, (int, float)) and confidence:
+        cause_line += f" (confidence {float(confidence):.2f})"
+    lines = [head, cause_line]
+    evidence = [str(line) for line in diagnosis.get("evidence") or []]
+    fixes = [str(line) for line in diagnosis.get("fixes") or []]
+    lines += [f"  evidence: {line}" for line in evidence[:max_evidence]]
+    if max_evidence is not None and len(evidence) > max_evidence:
+        lines.append(f"  evidence: ... {len(evidence) - max_evidence} more in events.jsonl")
+    lines += [f"  fix: {line}" for line in fixes[:max_fixes]]
+    return "\n".join(lines)

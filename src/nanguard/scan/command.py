@@ -1,0 +1,101 @@
+"""``nanguard scan PATH...``: check dataset files before training, print a table or ``--json``.
+
+Exit status: 0 when nothing was found, 1 when there are findings, 2 on bad usage (one line on stderr).
+Field names in the output: the column or key; ``a.b`` for nested keys; ``null`` (``-`` in the
+table) for a plain ``.npy`` or a bare tensor, and for findings about the file as a whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, NoReturn
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number greater than 1, got {text!r}") from None
+    if not value > 1:
+        raise argparse.ArgumentTypeError(f"expected a number greater than 1, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="dataset files or folders (searched recursively)")
+    parser.add_argument("--num-classes", type=_positive_int, metavar="N", help="class labels must lie in [0, N)")
+    parser.add_argument("--vocab-size", type=_positive_int, metavar="V", help="token ids must lie in [0, V)")
+    parser.add_argument(
+        "--label-field",
+        action="append",
+        metavar="NAME",
+        help="treat this column/key as class labels (besides names like label, target, y); repeatable",
+    )
+    parser.add_argument(
+        "--ignore-index",
+        type=int,
+        default=-100,
+        metavar="I",
+        help="label value that is allowed outside [0, N) (default: -100, as in CrossEntropyLoss)",
+    )
+    parser.add_argument(
+        "--scale-ratio",
+        type=_ratio,
+        default=100.0,
+        metavar="R",
+        help="flag a file whose typical |x| is R times off its siblings' median (default: 100)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the findings as one JSON object")
+    _one_line_errors(parser)
+
+
+def _one_line_errors(parser: argparse.ArgumentParser) -> None:
+    """Bad usage prints a single ``nanguard scan: error: ...`` line (no usage block) and exits 2.
+
+    Unknown flags are caught here too: argparse would otherwise hand them to the top-level parser.
+    """
+
+    def error(message: str) -> NoReturn:
+        parser.exit(2, f"{parser.prog}: error: {message} (see '{parser.prog} --help')\n")
+
+    parse_known_args = parser.parse_known_args
+
+    def strict_parse_known_args(args: Any = None, namespace: Any = None) -> Any:
+        parsed, extras = parse_known_args(args, namespace)
+        if extras:
+            error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+    parser.error = error  # type: ignore[method-assign]
+    parser.parse_known_args = strict_parse_known_args  # type: ignore[method-assign]
+
+
+def main(args: argparse.Namespace) -> int:
+    from nanguard.scan.report import render_table
+    from nanguard.scan.scanner import scan_paths
+
+    result = scan_paths(
+        args.paths,
+        num_classes=args.num_classes,
+        vocab_size=args.vocab_size,
+        label_field=args.label_field,
+        ignore_index=args.ignore_index,
+        scale_ratio=args.scale_ratio,
+    )
+    if args.json:
+        sys.stdout.write(json.dumps(result.to_dict()) + "\n")
+    else:
+        sys.stdout.write(render_table(result))
+    return result.exit_code

@@ -1,0 +1,106 @@
+"""Realistic run directories for the report tests, written the way the guard writes them."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+from nanguard.events import Diagnosis, Event
+from nanguard.record import EventLog, HistoryLog
+
+EVIL_MODULE = "<script>alert(1)</script>"
+NAN_STEP, CLIP_STEP, SPIKE_STEP, DIVERGENCE_STEP, STEPS = 120, 200, 300, 340, 400
+
+
+def _events(evil: bool) -> list[Event]:
+    attn = EVIL_MODULE if evil else "blocks.3.attn"
+    return [
+        Event(
+            step=NAN_STEP, trigger="nonfinite_loss", action="skip", loss=float("nan"), grad_norm=float("nan"), lr=3e-4,
+            diagnosis=Diagnosis(
+                cause="forward_overflow", phase="forward", module=attn, op="aten::_softmax", reproducible=True,
+                confidence=0.9,
+                evidence=[f"first inf born in {attn} (aten::matmul, float16): |x| max 7.1e+04 > 65504",
+                          "the same step in float32 is finite (loss 2.91)", "batch inputs finite"],
+                fixes=["compute attention scores in float32 (upcast q·k before softmax)",
+                       "use bfloat16 instead of float16 autocast"],
+            ),
+            details={"module_stats": [
+                {"module": "embed", "dtype": "torch.float16", "act_absmax": 3.2, "grad_absmax": 0.01, "nonfinite": False},
+                {"module": "blocks.3.mlp", "dtype": "float16", "act_absmax": 812.0, "grad_absmax": None, "nonfinite": False},
+                {"module": attn, "dtype": "float16", "act_absmax": None, "grad_absmax": None, "nonfinite": True},
+                {"module": "head", "dtype": "float32", "act_absmax": 44.0, "grad_absmax": 2.5, "nonfinite": False},
+            ], "replay_seconds": 0.4},
+        ),
+        Event(
+            step=SPIKE_STEP, trigger="loss_spike", action="rollback", loss=8.7e15, grad_norm=3.1e9, lr=3e-4,
+            diagnosis=Diagnosis(
+                cause="input_extreme_scale", phase="data", tensor="x[3]" if not evil else "<b>x</b>",
+                reproducible=True, confidence=0.8,
+                evidence=["batch field 'x' max |value| 4.2e+12, 1e9x the running scale", "all values finite"],
+                fixes=["run `nanguard scan` on the data and fix or drop the badly scaled file",
+                       "normalise inputs per file"],
+            ),
+        ),
+        Event(
+            step=DIVERGENCE_STEP, trigger="divergence", action="lr_backoff", loss=3.9, grad_norm=1.7, lr=1.5e-4,
+            diagnosis=Diagnosis(cause="divergence", phase="optimizer", confidence=0.6,
+                                evidence=["loss rose 3.1x over 200 steps"],
+                                fixes=["lower the learning rate", "add warmup"]),
+        ),
+    ]
+
+
+def _history_rows() -> list[dict[str, Any]]:
+    rng = random.Random(0)
+    rows, skipped, rollbacks, clipped, multiplier = [], 0, 0, 0, 1.0
+    for step in range(STEPS):
+        loss = 4.0 * math.exp(-step / 150) + 1.5 + 0.05 * rng.random()
+        grad = 1.0 + 0.2 * rng.random()
+        action, trigger = "none", ""
+        if step == NAN_STEP:
+            loss, grad, action, trigger = float("nan"), float("nan"), "skip", "nonfinite_loss"
+            skipped += 1
+        elif step == CLIP_STEP:
+            grad, action, trigger = 9.0, "clip", "grad_spike"
+            clipped += 1
+        elif step == SPIKE_STEP:
+            loss, grad, action, trigger = 8.7e15, 3.1e9, "rollback", "loss_spike"
+            rollbacks += 1
+        elif step == DIVERGENCE_STEP:
+            action, trigger, multiplier = "lr_backoff", "divergence", 0.5
+        rows.append({"step": step, "time": 0.1 * step, "loss": loss, "grad_norm": grad, "lr": 3e-4 * multiplier,
+                     "lr_multiplier": multiplier, "loss_scale": 65536.0, "action": action, "trigger": trigger,
+                     "skipped_total": skipped, "rollbacks_total": rollbacks, "clipped_total": clipped})
+    return rows
+
+
+def write_run(run_dir: Path, *, evil: bool = False, summary: bool = True, history: bool = True,
+              events: bool = True) -> Path:
+    """A 400-step run: NaN loss (skip), a clip, a loss spike (rollback), divergence (LR backoff)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    event_list = _events(evil)
+    if events:
+        log = EventLog(run_dir / "events.jsonl")
+        for event in event_list:
+            log.on_event(event.to_dict())
+        log.close()
+    if history:
+        hist = HistoryLog(run_dir / "history.csv")
+        for row in _history_rows():
+            hist.on_step(row)
+        hist.close()
+    if summary:
+        (run_dir / "summary.json").write_text(json.dumps({
+            "steps": STEPS, "events": len(event_list), "skipped_total": 1, "rollbacks_total": 1,
+            "wall_time_s": 812.5, "command": "nanguard run train.py --lr 3e-4",
+            "config": {"policy": "default", "clip_grad_norm": 1.0},
+        }))
+    return run_dir
+
+
+def read_event_dicts(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines() if line.strip()]
