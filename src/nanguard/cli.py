@@ -28,7 +28,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse exits with status 2 on bad usage already; keep its one-line error format."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; only ``command``'s module is imported (to add its arguments)."""
     from nanguard import __version__
 
     parser = _Parser(prog="nanguard", description="Keep PyTorch training runs finite.")
@@ -36,15 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
-        module = importlib.import_module(module_name)
-        module.add_arguments(sub_parser)
         sub_parser.set_defaults(_module=module_name)
+        if name == command:
+            importlib.import_module(module_name).add_arguments(sub_parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(argv[0] if argv and argv[0] in SUBCOMMANDS else None)
     if argv and argv[0] == "run":
         # Everything after the script path belongs to the script, flags included.
         args = _parse_run(parser, argv)

@@ -8,6 +8,8 @@ element-wise maximum as its verdict, while rank 0 keeps the per-rank rows to say
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -20,7 +22,10 @@ def is_distributed() -> bool:
 
 
 def rank() -> int:
-    return torch.distributed.get_rank() if is_distributed() else 0
+    """This process's rank; before ``init_process_group`` the launcher's RANK variable says it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0") or 0)
 
 
 def world_size() -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import types
 import warnings
 import weakref
 from collections import deque
@@ -94,6 +95,7 @@ class Guard:
         scaler: Any = None,
         out_dir: str | Path | None = None,
         sinks: Iterable[Sink] = (),
+        own_records: bool = True,
         **overrides: Any,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -106,11 +108,7 @@ class Guard:
         self.rank = dist_utils.rank()
         self.is_writer = self.rank == 0
         self.out_dir = Path(out_dir if out_dir is not None else self.config.out_dir)
-        self.fused = _is_fused(optimizer)
-        mode = self.config.sync_mode
-        self.device_mode = self.fused and mode != "sync" if mode == "auto" else mode == "device" and self.fused
-        if mode == "device" and not self.fused:
-            warnings.warn("nanguard: sync_mode='device' needs a fused optimizer (fused=True); using one sync per step", stacklevel=2)
+        self._device_mode: bool | None = None
 
         self.step_count = 0
         self.skipped_total = 0
@@ -146,10 +144,11 @@ class Guard:
         self._divergence_cooldown = 0
 
         self.sinks: list[Sink] = list(sinks)
-        if self.is_writer:
+        if self.is_writer and own_records:
             _set_aside_previous_run(self.out_dir)
             self.sinks[:0] = [EventLog(self.out_dir / "events.jsonl"), HistoryLog(self.out_dir / "history.csv")]
             self.sinks += self._optional_sinks()
+        self._own_records = own_records
         self._install()
         if self.config.snapshot_every:
             self._take_snapshot()
@@ -174,13 +173,14 @@ class Guard:
         original_step = self.optimizer.step
         guard = self
 
-        def guarded_step(*args: Any, **kwargs: Any) -> Any:
+        def guarded_step(optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
             return guard._guarded_step(original_step, args, kwargs)
 
         guarded_step.__wrapped__ = original_step  # type: ignore[attr-defined]
         guarded_step._nanguard = self  # type: ignore[attr-defined]
         self._original_step = original_step
-        self.optimizer.step = guarded_step  # type: ignore[method-assign]
+        # A bound method, as LR schedulers expect to find (they wrap ``step.__func__``).
+        self.optimizer.step = types.MethodType(guarded_step, self.optimizer)  # type: ignore[method-assign]
         for model in self.models:
             self._hook_model(model)
         if self.scaler is not None:
@@ -226,7 +226,7 @@ class Guard:
         def scale(outputs: Any) -> Any:
             scaled = original_scale(outputs)
             if isinstance(outputs, torch.Tensor) and isinstance(scaled, torch.Tensor):
-                guard._scaled[id(scaled)] = (weakref.ref(scaled), outputs)
+                guard._note_scaled(scaled, outputs)
             return scaled
 
         def step(optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
@@ -256,6 +256,22 @@ class Guard:
             return original(*args, **kwargs)
 
         scheduler.step = step
+
+    @property
+    def device_mode(self) -> bool:
+        """Decided at the first step: a subclass sets ``fused`` support after ``Optimizer.__init__`` returns."""
+        if self._device_mode is None:
+            fused = _is_fused(self.optimizer)
+            mode = self.config.sync_mode
+            if mode == "device" and not fused:
+                warnings.warn("nanguard: sync_mode='device' needs a fused optimizer (fused=True); using one sync per step", stacklevel=3)
+            self._device_mode = fused and mode in ("auto", "device")
+        return self._device_mode
+
+    def _note_scaled(self, scaled: torch.Tensor, loss: torch.Tensor) -> None:
+        self._scaled[id(scaled)] = (weakref.ref(scaled), loss)
+        if len(self._scaled) > 64:
+            self._scaled = {k: v for k, v in self._scaled.items() if v[0]() is not None}
 
     @property
     def scaler_enabled(self) -> bool:
@@ -816,10 +832,10 @@ class Guard:
         _ACTIVE_GUARDS.discard(self)
         for handle in self._hook_handles:
             handle.remove()
-        if getattr(self.optimizer.step, "_nanguard", None) is self:
+        if getattr(getattr(self.optimizer.step, "__func__", None), "_nanguard", None) is self:
             self.optimizer.step = self._original_step  # type: ignore[method-assign]
         summary = {**self.summary(), "status": status}
-        if self.is_writer:
+        if self.is_writer and self._own_records:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.out_dir / "summary.json", summary)
             for sink in self.sinks:

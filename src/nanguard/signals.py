@@ -87,11 +87,17 @@ class DeviceReadback:
 
     def __init__(self) -> None:
         self._pending: list[Readback] = []
+        self._free: dict[int, list[torch.Tensor]] = {}
+
+    def _pinned(self, numel: int) -> torch.Tensor:
+        """A pinned host buffer from a small pool: allocating pinned memory per step could synchronise."""
+        pool = self._free.setdefault(numel, [])
+        return pool.pop() if pool else torch.empty(numel, dtype=torch.float32, pin_memory=True)
 
     def push(self, step: int, scalars: Sequence[torch.Tensor]) -> None:
         packed = torch.stack([s.detach().float().reshape(()) for s in scalars])
         if packed.device.type == "cuda":
-            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host = self._pinned(packed.numel())
             host.copy_(packed, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
@@ -99,13 +105,18 @@ class DeviceReadback:
         else:
             self._pending.append(Readback(step, packed.cpu(), None))
 
+    def release(self, item: Readback) -> None:
+        if item.ready_event is not None:
+            self._free.setdefault(item.host.numel(), []).append(item.host)
+
     def poll(self, wait: bool = False) -> list[Readback]:
         done: list[Readback] = []
         while self._pending and (wait or self._pending[0].ready()):
             item = self._pending.pop(0)
             if wait and item.ready_event is not None:
                 item.ready_event.synchronize()
-            done.append(item)
+            done.append(Readback(item.step, item.host.clone(), None))
+            self.release(item)
         return done
 
     def __len__(self) -> int:

@@ -84,7 +84,7 @@ class SnapshotRing:
             step=step,
             models=[_to_host(m.state_dict(keep_vars=False), pin) for m in models],
             optimizer=_to_host(optimizer.state_dict(), pin) if optimizer is not None else None,
-            scaler=_to_host(scaler.state_dict(), pin) if scaler is not None and scaler.is_enabled() else None,
+            scaler=_scaler_state(scaler, pin),
             scheduler=copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None,
             rng=RngState.capture(),
             python_rng=random.getstate(),
@@ -107,6 +107,13 @@ class SnapshotRing:
             self._ring.pop()
 
 
+def _scaler_state(scaler: Any, pin: bool) -> dict[str, Any] | None:
+    """GradScaler's tensors, copied without ``state_dict()`` (which reads the scale back: a sync)."""
+    if scaler is None or not scaler.is_enabled() or getattr(scaler, "_scale", None) is None:
+        return None
+    return {"_scale": _to_host(scaler._scale, pin), "_growth_tracker": _to_host(scaler._growth_tracker, pin)}
+
+
 def restore(
     snap: Snapshot,
     models: Sequence[torch.nn.Module],
@@ -124,8 +131,9 @@ def restore(
                     target.copy_(saved)
     if optimizer is not None and snap.optimizer is not None:
         optimizer.load_state_dict(copy.deepcopy(snap.optimizer))
-    if scaler is not None and snap.scaler is not None:
-        scaler.load_state_dict(copy.deepcopy(snap.scaler))
+    if scaler is not None and snap.scaler is not None and getattr(scaler, "_scale", None) is not None:
+        scaler._scale.copy_(snap.scaler["_scale"])
+        scaler._growth_tracker.copy_(snap.scaler["_growth_tracker"])
     if scheduler is not None and snap.scheduler is not None:
         scheduler.load_state_dict(copy.deepcopy(snap.scheduler))
     if snap.rng is not None:

@@ -41,7 +41,7 @@ class StepCapture:
     loss operations. It does not restore RNG state and does not touch the optimizer: the caller does.
     """
 
-    rerun: Callable[[], torch.Tensor | None]
+    rerun: Callable[[], torch.Tensor | None] | None
     batch: dict[str, Any] = field(default_factory=dict)
     rng_state: RngState | None = None
     autocast_dtype: torch.dtype | None = None
