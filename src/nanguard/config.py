@@ -38,6 +38,8 @@ class SpikeConfig:
     alarm_z: float = 12.0
     loss_ratio: float = 2.0
     grad_ratio: float = 4.0
+    peak_ratio: float = 3.0
+    peak_decay: float = 0.995
     adaptive_clip: bool = True
 
     def validate(self, prefix: str) -> None:
@@ -51,6 +53,8 @@ class SpikeConfig:
         )
         _check(self.loss_ratio > 1.0, f"{prefix}.loss_ratio", self.loss_ratio, "a float > 1")
         _check(self.grad_ratio > 1.0, f"{prefix}.grad_ratio", self.grad_ratio, "a float > 1")
+        _check(self.peak_ratio >= 0.0, f"{prefix}.peak_ratio", self.peak_ratio, "a float >= 0 (0 = no peak test)")
+        _check(0.0 < self.peak_decay <= 1.0, f"{prefix}.peak_decay", self.peak_decay, "a float in (0, 1]")
 
 
 @dataclass(kw_only=True)

@@ -50,31 +50,30 @@ F_CLIPPED, F_SCALER_OVERFLOW, F_BAD, F_POST_WEIGHTS_BAD, F_LOSS_SCALE, F_HAS_LOS
 N_FLAGS = 13
 
 _ACTIVE_GUARDS: weakref.WeakSet[Guard] = weakref.WeakSet()
+_SCHEDULER_GUARDS: weakref.WeakKeyDictionary[Any, Guard] = weakref.WeakKeyDictionary()
 _BACKWARD_PATCHED = False
 
 
 def _install_backward_patch() -> None:
-    """Route every ``backward()`` through the active guards, so they see the loss without code changes."""
+    """Route every ``backward()`` through the active guards, so they see the loss without code changes.
+
+    Only ``torch.autograd.backward`` is patched: ``Tensor.backward`` looks it up at call time, so both
+    spellings pass through exactly once.
+    """
     global _BACKWARD_PATCHED
     if _BACKWARD_PATCHED:
         return
     _BACKWARD_PATCHED = True
-    original_tensor_backward = torch.Tensor.backward
     original_autograd_backward = torch.autograd.backward
-
-    def tensor_backward(self: torch.Tensor, gradient: Any = None, *args: Any, **kwargs: Any) -> Any:
-        for guard in list(_ACTIVE_GUARDS):
-            guard._on_backward(self, gradient)
-        return original_tensor_backward(self, gradient, *args, **kwargs)
 
     def autograd_backward(tensors: Any, grad_tensors: Any = None, *args: Any, **kwargs: Any) -> Any:
         if isinstance(tensors, torch.Tensor) and _ACTIVE_GUARDS:
+            gradient = grad_tensors if isinstance(grad_tensors, torch.Tensor) else None
             for guard in list(_ACTIVE_GUARDS):
-                guard._on_backward(tensors, grad_tensors if isinstance(grad_tensors, torch.Tensor) else None)
+                guard._on_backward(tensors, gradient)
         return original_autograd_backward(tensors, grad_tensors, *args, **kwargs)
 
-    tensor_backward.__wrapped__ = original_tensor_backward  # type: ignore[attr-defined]
-    torch.Tensor.backward = tensor_backward  # type: ignore[method-assign]
+    autograd_backward.__wrapped__ = original_autograd_backward  # type: ignore[attr-defined]
     torch.autograd.backward = autograd_backward  # type: ignore[assignment]
 
 
@@ -109,6 +108,8 @@ class Guard:
         self.is_writer = self.rank == 0
         self.out_dir = Path(out_dir if out_dir is not None else self.config.out_dir)
         self._device_mode: bool | None = None
+        # Tests set this to make a CPU run read verdicts back late, exactly as a CUDA run does.
+        self._defer_host_verdict = False
 
         self.step_count = 0
         self.skipped_total = 0
@@ -120,8 +121,10 @@ class Guard:
         self.readback = DeviceReadback()
         self.recorder = StepRecorder()
         spikes = self.config.spikes
-        self.loss_stats = RunningStats(alpha=spikes.ema_alpha, warmup=spikes.warmup_steps, clip_z=spikes.clip_z)
-        self.grad_stats = RunningStats(alpha=spikes.ema_alpha, warmup=spikes.warmup_steps, clip_z=spikes.clip_z)
+        stats_args = {"alpha": spikes.ema_alpha, "warmup": spikes.warmup_steps, "clip_z": spikes.clip_z,
+                      "peak_ratio": spikes.peak_ratio, "peak_decay": spikes.peak_decay}
+        self.loss_stats = RunningStats(**stats_args)  # type: ignore[arg-type]
+        self.grad_stats = RunningStats(**stats_args)  # type: ignore[arg-type]
         self.loss_history: deque[float] = deque(maxlen=max(256, self.config.divergence_window))
         self.grad_history: deque[float] = deque(maxlen=256)
         self.batch_scale_history: dict[str, deque[float]] = {}
@@ -142,6 +145,7 @@ class Guard:
         self._param_cache: tuple[int, list[torch.Tensor]] | None = None
         self._hook_handles: list[Any] = []
         self._divergence_cooldown = 0
+        self._best_loss_mean = float("inf")
 
         self.sinks: list[Sink] = list(sinks)
         if self.is_writer and own_records:
@@ -178,6 +182,8 @@ class Guard:
 
         guarded_step.__wrapped__ = original_step  # type: ignore[attr-defined]
         guarded_step._nanguard = self  # type: ignore[attr-defined]
+        if getattr(original_step, "_wrapped_by_lr_sched", False):
+            guarded_step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
         self._original_step = original_step
         # A bound method, as LR schedulers expect to find (they wrap ``step.__func__``).
         self.optimizer.step = types.MethodType(guarded_step, self.optimizer)  # type: ignore[method-assign]
@@ -241,21 +247,27 @@ class Guard:
         scaler.scale, scaler.step = scale, step
 
     def attach_scheduler(self, scheduler: Any) -> None:
-        """Keep an LR scheduler from advancing past a step the guard skipped."""
-        self.scheduler = scheduler
-        if getattr(scheduler, "_nanguard_guard", None) is self:
-            return
-        scheduler._nanguard_guard = self
-        original = scheduler.step
-        guard = self
+        """Keep an LR scheduler from advancing past a step the guard skipped.
 
-        def step(*args: Any, **kwargs: Any) -> Any:
-            if guard._scheduler_hold and not guard.config.advance_scheduler_on_skip:
+        The hold is installed on the scheduler's class, not the instance: a scheduler's ``state_dict()``
+        is its ``__dict__``, and the user's checkpoints must not pick up nanguard objects.
+        """
+        self.scheduler = scheduler
+        _SCHEDULER_GUARDS[scheduler] = self
+        cls = type(scheduler)
+        if getattr(cls.step, "_nanguard_hold", False):
+            return
+        original = cls.step
+
+        def step(sched: Any, *args: Any, **kwargs: Any) -> Any:
+            guard = _SCHEDULER_GUARDS.get(sched)
+            if guard is not None and guard._scheduler_hold and not guard.config.advance_scheduler_on_skip:
                 guard._scheduler_hold = False
                 return None
-            return original(*args, **kwargs)
+            return original(sched, *args, **kwargs)
 
-        scheduler.step = step
+        step._nanguard_hold = True  # type: ignore[attr-defined]
+        cls.step = step
 
     @property
     def device_mode(self) -> bool:
@@ -355,6 +367,7 @@ class Guard:
             args, kwargs = (), {k: v for k, v in kwargs.items() if k != "closure"}
         step = self.step_count
         self.step_count += 1
+        self.optimizer._opt_called = True  # type: ignore[attr-defined]  # what an LR scheduler checks for
         self.recorder.stop_recording()
         try:
             self._process_readbacks()
@@ -516,8 +529,8 @@ class Guard:
             flags[F_POST_WEIGHTS_BAD] = (~all_finite(params, device) & ~(found > 0)).float()
         self._pending_captures[step] = self._capture_refs(step)
         self.readback.push(step, list(flags.unbind()))
-        if device.type != "cuda":
-            self._process_readbacks()
+        if device.type != "cuda" and not self._defer_host_verdict:
+            self._process_readbacks()  # reading a CPU tensor costs nothing: act at once
         return result
 
     # ------------------------------------------------------------------ host side of the verdict
@@ -609,7 +622,14 @@ class Guard:
                 capture, batch = self._capture_for_event(step)
                 self._handle_bad_step(step, values, capture=capture, batch=batch, update_applied=False)
             else:
-                self._scaler_skipped_step()
+                values = [0.0] * N_FLAGS
+                values[F_LOSS] = float(loss) if loss is not None else float("nan")
+                values[F_HAS_LOSS] = float(loss is not None)
+                values[F_NORM] = float("inf")
+                values[F_LOSS_SCALE] = float(self.scaler.get_scale()) if self.scaler_enabled else 0.0
+                step = self.step_count
+                self.step_count += 1
+                self._scaler_skipped_step(values, step=step)
         finally:
             self._pending_loss = None
             self._closure_capture = None
@@ -623,7 +643,9 @@ class Guard:
         step = step if step is not None else self.step_count - 1
         self._scaler_overflow_streak += 1
         self.skipped_total += 1
-        self._write_row(step, values[F_LOSS] if values else None, values[F_NORM] if values else None, "skip", "")
+        loss = values[F_LOSS] if values and values[F_HAS_LOSS] else None
+        self._write_row(step, loss, values[F_NORM] if values else None, "skip", "",
+                        loss_scale=values[F_LOSS_SCALE] if values else None)
         if self._scaler_overflow_streak >= self.config.scaler_overflow_patience:
             self._scaler_overflow_streak = 0
             scale = float(self.scaler.get_scale()) if self.scaler_enabled else float("nan")
@@ -638,6 +660,7 @@ class Guard:
                              lr=self._current_lr(), rank=self.rank))
 
     def _check_divergence(self, step: int, values: list[float]) -> None:
+        """A slow climb: the recent loss is ``divergence_ratio`` x the best smoothed loss of the run, rising."""
         window = self.config.divergence_window
         if self._divergence_cooldown > 0:
             self._divergence_cooldown -= 1
@@ -647,12 +670,17 @@ class Guard:
         recent = list(self.loss_history)[-window:]
         quarter = window // 4
         means = [sum(recent[i * quarter:(i + 1) * quarter]) / quarter for i in range(4)]
-        low = min(means[:3])
-        rising = means[1] < means[2] < means[3] or (means[3] > means[2] and means[3] > means[1])
-        if low > 0 and means[3] > self.config.divergence_ratio * low and rising and all(map(math.isfinite, means)):
+        if not all(map(math.isfinite, means)):
+            return
+        self._best_loss_mean = min(self._best_loss_mean, *means)
+        best = self._best_loss_mean
+        rising = means[0] < means[1] < means[2] < means[3]
+        if best > 0 and rising and means[3] > self.config.divergence_ratio * best:
             self._divergence_cooldown = window
+            self._best_loss_mean = float("inf")
             self._handle_bad_step(step, values, capture=None, batch={}, update_applied=False, trigger_override="divergence",
-                                  extra_evidence=[f"mean loss over the last {quarter} steps is {means[3]:.4g}, {means[3] / low:.2f}x the lowest quarter mean {low:.4g} in the last {window} steps"])
+                                  extra_evidence=[f"mean loss of the last {quarter} steps is {means[3]:.4g}, {means[3] / best:.2f}x the best "
+                                                  f"smoothed loss {best:.4g} of the run, and it rose in each of the last 4 quarters of {window} steps"])
 
     def _trigger_of(self, values: list[float]) -> str:
         if values[F_POST_WEIGHTS_BAD] or values[F_WEIGHTS_BAD]:
@@ -669,7 +697,8 @@ class Guard:
 
     def _spike_summary(self) -> dict[str, float]:
         loss, grad = self.loss_stats.host_summary(), self.grad_stats.host_summary()
-        return {"loss_mean": loss["mean"], "loss_std": loss["std"], "grad_mean": grad["mean"], "grad_std": grad["std"], "warm_steps": loss["count"]}
+        return {"loss_mean": loss["mean"], "loss_std": loss["std"], "loss_peak": loss["peak"], "grad_mean": grad["mean"],
+                "grad_std": grad["std"], "grad_peak": grad["peak"], "warm_steps": loss["count"]}
 
     def _handle_bad_step(self, step: int, values: list[float], *, capture: StepCapture | None, batch: dict[str, Any],
                          update_applied: bool, state_is_pre_step: bool = True, trigger_override: str | None = None,
@@ -755,7 +784,7 @@ class Guard:
     # ------------------------------------------------------------------ actions
     def _take_snapshot(self) -> None:
         self.snapshots.take(self.step_count, self.models, self.optimizer, self.scaler if self.scaler_enabled else None,
-                            self.scheduler, extra={"loss_stats": self.loss_stats.state_dict(), "grad_stats": self.grad_stats.state_dict()})
+                            None, extra={"loss_stats": self.loss_stats.state_dict(), "grad_stats": self.grad_stats.state_dict()})
 
     def _rollback(self) -> int | None:
         snap = self.snapshots.newest_finite()

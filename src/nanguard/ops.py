@@ -61,7 +61,13 @@ class LabelOutOfRangeError(NanguardError, ValueError):
     """
 
     def __init__(
-        self, message: str, *, positions: list[tuple[int, ...]], labels: list[int], num_classes: int, count: int
+        self,
+        message: str,
+        *,
+        positions: list[tuple[int, ...]],
+        labels: list[int],
+        num_classes: int,
+        count: int,
     ) -> None:
         super().__init__(message)
         self.positions = positions
@@ -76,7 +82,9 @@ class MaskedTargetError(NanguardError, ValueError):
     ``positions`` and ``labels`` list the first offenders; ``count`` is how many there are in all.
     """
 
-    def __init__(self, message: str, *, positions: list[tuple[int, ...]], labels: list[int], count: int) -> None:
+    def __init__(
+        self, message: str, *, positions: list[tuple[int, ...]], labels: list[int], count: int
+    ) -> None:
         super().__init__(message)
         self.positions = positions
         self.labels = labels
@@ -92,7 +100,7 @@ def mask_value(dtype: torch.dtype) -> float:
     Returns half of ``torch.finfo(dtype).min`` (-1.7e38 for fp32, -1.7e38 for bf16, -32752 for
     fp16). ``-inf`` turns a fully masked softmax row into ``NaN`` (``-inf - -inf``) and a target on
     a masked class into an infinite loss; ``finfo.min`` itself is finite but one more addition (a
-    second mask, an ALiBi or position bias, subtracting a negative row max) overflows it to
+    second mask, an ALiBi or position bias, subtracting a large positive row max) overflows it to
     ``-inf``. Half of it leaves room for exactly that: two fills sum to ``finfo.min``, still
     finite, and ``fill - x`` stays finite for any logit ``|x| <= finfo.max / 2``. ``exp`` of the
     fill minus any realistic row max is exactly 0, so masked entries get zero probability as they
@@ -164,7 +172,11 @@ def masked_softmax(input: Tensor, mask: Tensor, dim: int = -1, *, dtype: torch.d
 def _class_keep_mask(valid_classes_mask: Tensor, logits: Tensor, class_dim: int) -> Tensor:
     """A ``(C,)`` mask applies along the class dimension; anything else must broadcast to ``logits``."""
     num_classes = logits.shape[class_dim]
-    if isinstance(valid_classes_mask, Tensor) and valid_classes_mask.shape == (num_classes,) and logits.dim() > 1:
+    if (
+        isinstance(valid_classes_mask, Tensor)
+        and valid_classes_mask.shape == (num_classes,)
+        and logits.dim() > 1
+    ):
         shape = [1] * logits.dim()
         shape[class_dim] = num_classes
         valid_classes_mask = valid_classes_mask.reshape(shape)
@@ -218,7 +230,9 @@ def mask_logits(
 
 
 def _as_shape(normalized_shape: int | Sequence[int] | torch.Size) -> tuple[int, ...]:
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(int(n) for n in normalized_shape)
+    shape = (
+        (normalized_shape,) if isinstance(normalized_shape, int) else tuple(int(n) for n in normalized_shape)
+    )
     if not shape:
         raise UsageError("normalized_shape must name at least one trailing dimension, got ()")
     return shape
@@ -251,7 +265,9 @@ def rms_norm(
             f"input shape is {list(input.shape)}"
         )
     if weight is not None and tuple(weight.shape) != shape:
-        raise UsageError(f"rms_norm: weight shape {list(weight.shape)} must equal normalized_shape {list(shape)}")
+        raise UsageError(
+            f"rms_norm: weight shape {list(weight.shape)} must equal normalized_shape {list(shape)}"
+        )
     eps = torch.finfo(input.dtype).eps if eps is None else float(eps)
     if not eps > 0:  # also refuses NaN
         raise UsageError(f"rms_norm: eps must be > 0 so zero rows stay finite, got {eps}")
@@ -350,7 +366,7 @@ def safe_div(a: Tensor | float, b: Tensor | float, eps: float | None = None) -> 
     if eps is not None:
         clamped = torch.where(denominator < 0, -float(eps), float(eps)).to(denominator.dtype)
         denominator = torch.where(denominator.abs() < eps, clamped, denominator)
-    # Zeroing the numerator too (not just the quotient) keeps the backward of a/b finite there.
+    # Where b == 0 this computes 0 / 1: no inf or NaN is ever formed, so none can reach a gradient.
     return torch.div(torch.where(empty, torch.zeros_like(a), a), denominator)
 
 
@@ -387,7 +403,9 @@ def _check_target_shape(input: Tensor, target: Tensor, fn: str) -> None:
     expected = input.shape[:class_dim] + input.shape[class_dim + 1 :]
     if target.dtype.is_floating_point:
         if fn == "mask_logits":
-            raise UsageError("mask_logits: target must hold class indices (an integer tensor), got floating point")
+            raise UsageError(
+                "mask_logits: target must hold class indices (an integer tensor), got floating point"
+            )
         expected = input.shape
     if target.shape != expected:
         raise UsageError(
@@ -401,7 +419,9 @@ def _countable(target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
     return (target != ignore_index) & (target >= 0) & (target < num_classes)
 
 
-def _at_targets(per_class: Tensor, target: Tensor, class_dim: int, ignore_index: int) -> tuple[Tensor, Tensor]:
+def _at_targets(
+    per_class: Tensor, target: Tensor, class_dim: int, ignore_index: int
+) -> tuple[Tensor, Tensor]:
     """``per_class`` (shaped like the logits) read at each target's class, and which targets count.
 
     Entries for targets that do not count (ignore_index, out of range) are read at class 0 and
@@ -420,7 +440,9 @@ def _offenders(bad: Tensor, target: Tensor) -> tuple[list[tuple[int, ...]], list
 
 
 def _listing(positions: list[tuple[int, ...]], labels: list[int], count: int) -> str:
-    shown = ", ".join(f"label {label} at position {position}" for position, label in zip(positions, labels, strict=True))
+    shown = ", ".join(
+        f"label {label} at position {position}" for position, label in zip(positions, labels, strict=True)
+    )
     return shown + (f" (and {count - len(positions)} more)" if count > len(positions) else "")
 
 
@@ -498,19 +520,26 @@ def check_class_targets(target: Tensor, num_classes: int, ignore_index: int = -1
     _raise_on_bad_targets("check_class_targets", num_classes, target, ignore_index, None, _masked_logit_text)
 
 
-def _check_probability_targets(logits: Tensor, target: Tensor, class_dim: int, label_smoothing: float) -> None:
+def _check_probability_targets(
+    logits: Tensor, target: Tensor, class_dim: int, label_smoothing: float
+) -> None:
+    """Soft targets multiply every log-probability by its target mass, so ``0 * -inf`` is NaN too."""
     masked = logits <= mask_value(logits.dtype)
-    if label_smoothing == 0:
-        masked = masked & (target > 0)
-    rows = masked.any(class_dim)
-    if not bool(rows.any()):
+    with_mass = masked if label_smoothing > 0 else masked & (target > 0)
+    minus_inf_rows = (logits == -math.inf).any(class_dim)
+    bad_rows = with_mass.any(class_dim) | minus_inf_rows
+    if not bool(bad_rows.any()):
         return
-    positions = [tuple(p) for p in rows.nonzero()[:_MAX_LISTED].tolist()]
-    count = int(rows.sum())
+    positions = [tuple(p) for p in bad_rows.nonzero()[:_MAX_LISTED].tolist()]
+    count = int(bad_rows.sum())
+    if bool(with_mass.any()):
+        why = "put target probability on a masked logit (-inf or a mask fill): the loss there is infinite"
+    else:
+        why = "have a -inf logit, and soft targets make the loss 0 * -inf = NaN even with zero mass on it"
     raise MaskedTargetError(
-        f"checked_cross_entropy: {count} row(s) put target probability on a masked logit (-inf or a mask "
-        f"fill), first at positions {positions}: the loss there is infinite. Give masked classes zero target "
-        f"probability, and use label_smoothing=0 with masked logits",
+        f"checked_cross_entropy: {count} row(s) {why}; first at positions {positions}. Fill masks with "
+        f"nanguard.ops.mask_value(dtype) instead of -inf, give masked classes zero target probability, and "
+        f"use label_smoothing=0 with masked logits",
         positions=positions,
         labels=[],
         count=count,
@@ -533,7 +562,7 @@ def checked_cross_entropy(
     is masked (``-inf``, or at or below :func:`mask_value` of the dtype): that loss is infinite.
     With ``label_smoothing > 0`` every class gets target mass, so any masked logit in a counted
     row is reported. Probability targets (same shape as ``input``) are checked for mass on masked
-    logits.
+    logits and for any ``-inf`` logit (``0 * -inf`` is NaN in the soft-target loss).
 
     Cost: the checks run on the device and are reduced to one boolean read with one host sync
     (``.item()``) per call, plus one gather (one pass over the logits with label smoothing). A
@@ -555,7 +584,9 @@ def checked_cross_entropy(
     else:
         target_logit, counted = _at_targets(logits, target, class_dim, ignore_index)
         masked = (target_logit <= fill) & counted
-        _raise_on_bad_targets("checked_cross_entropy", num_classes, target, ignore_index, masked, _masked_logit_text)
+        _raise_on_bad_targets(
+            "checked_cross_entropy", num_classes, target, ignore_index, masked, _masked_logit_text
+        )
     return F.cross_entropy(
         input,
         target,

@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 from nanguard.errors import NanguardError, UsageError
 from nanguard.ops import LabelOutOfRangeError, MaskedTargetError, mask_logits, mask_value, masked_softmax
 
-SETTINGS = settings(max_examples=30, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=30, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOLERANCE = {
     torch.float32: {"rtol": 1e-5, "atol": 1e-6},
@@ -21,7 +23,26 @@ TOLERANCE = {
     torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-2},
 }
 # Zeros, subnormals, the dtypes' edges and huge values: what breaks naive masking and softmax.
-SPECIAL = [0.0, -0.0, 1e-45, 1e-40, 1.2e-38, 6e-8, 6.1e-5, 1.0, -1.0, 88.0, -88.0, 300.0, 6e4, -6e4, 1e15, -1e15, 3e38, -3e38]
+SPECIAL = [
+    0.0,
+    -0.0,
+    1e-45,
+    1e-40,
+    1.2e-38,
+    6e-8,
+    6.1e-5,
+    1.0,
+    -1.0,
+    88.0,
+    -88.0,
+    300.0,
+    6e4,
+    -6e4,
+    1e15,
+    -1e15,
+    3e38,
+    -3e38,
+]
 
 
 def adversarial(dtype: torch.dtype) -> st.SearchStrategy[float]:
@@ -168,7 +189,9 @@ def test_masked_softmax_dtype_argument_casts_first_like_torch() -> None:
 def test_masked_softmax_reads_integer_masks_as_nonzero_keep() -> None:
     scores = torch.randn(2, 3)
     attention_mask = torch.tensor([[1, 1, 0], [0, 0, 0]])  # Hugging Face style
-    torch.testing.assert_close(masked_softmax(scores, attention_mask), masked_softmax(scores, attention_mask.bool()))
+    torch.testing.assert_close(
+        masked_softmax(scores, attention_mask), masked_softmax(scores, attention_mask.bool())
+    )
 
 
 def test_masked_softmax_refuses_float_and_unbroadcastable_masks() -> None:
@@ -229,7 +252,9 @@ def test_mask_logits_per_sample_masks_and_spatial_layout() -> None:
     logits = torch.randn(2, 4, 3)  # (N, C, d)
     per_sample = torch.tensor([[True, True, False, False], [False, True, True, True]])
     masked = mask_logits(logits, per_sample[:, :, None])
-    assert (masked[0, 2:] == mask_value(torch.float32)).all() and (masked[1, 0] == mask_value(torch.float32)).all()
+    assert (masked[0, 2:] == mask_value(torch.float32)).all() and (
+        masked[1, 0] == mask_value(torch.float32)
+    ).all()
     by_class = mask_logits(logits, torch.tensor([True, False, True, True]))  # (C,) goes along dim 1
     assert (by_class[:, 1] == mask_value(torch.float32)).all()
     torch.testing.assert_close(by_class[:, [0, 2, 3]], logits[:, [0, 2, 3]])
@@ -237,7 +262,9 @@ def test_mask_logits_per_sample_masks_and_spatial_layout() -> None:
 
 def test_mask_logits_raises_naming_samples_and_labels_on_masked_targets() -> None:
     logits = torch.randn(4, 5)
-    per_sample = torch.tensor([[True, True, False, False, False]] * 2 + [[False, False, True, True, True]] * 2)
+    per_sample = torch.tensor(
+        [[True, True, False, False, False]] * 2 + [[False, False, True, True, True]] * 2
+    )
     target = torch.tensor([1, 3, 4, 0])  # samples 1 and 3 carry the other dataset's labels
     with pytest.raises(MaskedTargetError) as caught:
         mask_logits(logits, per_sample, target)

@@ -11,14 +11,33 @@ from hypothesis import strategies as st
 from nanguard.errors import UsageError
 from nanguard.ops import RMSNorm, rms_norm
 
-SETTINGS = settings(max_examples=30, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=30, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOLERANCE = {
     torch.float32: {"rtol": 1e-5, "atol": 1e-5},
     torch.float16: {"rtol": 1e-3, "atol": 2e-3},
     torch.bfloat16: {"rtol": 1.6e-2, "atol": 2e-2},
 }
-SPECIAL = [0.0, -0.0, 1e-45, 1e-40, 1.2e-38, 6e-8, 6.1e-5, 1.0, -1.0, 300.0, -300.0, 6e4, -6e4, 1e15, -1e15, 3e38]
+SPECIAL = [
+    0.0,
+    -0.0,
+    1e-45,
+    1e-40,
+    1.2e-38,
+    6e-8,
+    6.1e-5,
+    1.0,
+    -1.0,
+    300.0,
+    -300.0,
+    6e4,
+    -6e4,
+    1e15,
+    -1e15,
+    3e38,
+]
 
 
 def adversarial(dtype: torch.dtype) -> st.SearchStrategy[float]:

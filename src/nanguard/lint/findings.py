@@ -38,7 +38,7 @@ RULES: dict[str, Rule] = {
             "(Hugging Face TrainingArguments, or keys such as model_name_or_path/pretrained/lora_r). "
             "The family is read from the nearest optimizer name (optim, optimizer.type, class_path, "
             "_target_), else sibling hints (betas -> Adam, momentum -> SGD); HF defaults to AdamW. "
-            "Fix: 10x lower, or the family's warning threshold if 10x lower is still above it.",
+            "Fix: 10x lower, capped at the threshold that applies (so the fixed value passes).",
         ),
         Rule(
             "no_grad_clipping",

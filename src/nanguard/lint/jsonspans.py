@@ -23,6 +23,7 @@ class Member:
 
     key: str
     key_start: int
+    key_end: int
     value_start: int
     value_end: int
 
@@ -83,14 +84,14 @@ def _object(text: str, i: int, path: KeyPath, spans: JsonSpans) -> int:
     i = _skip(text, i + 1)
     while text[i] != "}":
         key_start = i
-        key, i = _DECODER.raw_decode(text, i)
-        i = _skip(text, i)  # at ':'
+        key, key_end = _DECODER.raw_decode(text, i)
+        i = _skip(text, key_end)  # at ':'
         value_start = _skip(text, i + 1)
         child = (*path, key)
         value_end = _value(text, value_start, child, spans)
         spans.key_starts[child] = key_start
         obj.members = [m for m in obj.members if m.key != key]  # a repeated key: json keeps the last
-        obj.members.append(Member(key, key_start, value_start, value_end))
+        obj.members.append(Member(key, key_start, key_end, value_start, value_end))
         i = _skip(text, value_end)
         if text[i] == ",":
             i = _skip(text, i + 1)

@@ -94,7 +94,9 @@ def parse_json(text: str, path: Path) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}:{exc.lineno}: could not parse JSON: {exc.msg} (column {exc.colno})") from exc
+        raise ConfigError(
+            f"{path}:{exc.lineno}: could not parse JSON: {exc.msg} (column {exc.colno})"
+        ) from exc
 
 
 def yaml_round_trip() -> Any:

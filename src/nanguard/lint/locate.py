@@ -256,7 +256,7 @@ class Precision:
     scaling: list[ScalingProblem] = field(default_factory=list)
 
 
-def read_precision(data: Mapping[Any, Any], sections: Sections) -> Precision:
+def read_precision(data: Mapping[Any, Any]) -> Precision:
     """Every precision and loss-scaling setting in the tree, read with each format's meaning."""
     facts = Precision()
     for path, value, parent in walk(data):
@@ -271,15 +271,13 @@ def read_precision(data: Mapping[Any, Any], sections: Sections) -> Precision:
             _read_amp(facts, path, value, parent)
         elif name == "opt_level":
             _read_apex_level(facts, path, value, parent)
-        elif name in vocab.PURE_FP16_SWITCH_KEYS and as_bool(value) is True:
+        elif (name in vocab.PURE_FP16_SWITCH_KEYS and as_bool(value) is True) or (
+            _is_weight_dtype(name, path) and as_text(value) in vocab.FP16_DTYPE_VALUES
+        ):
             facts.pure_fp16.append(Setting(path, value))
             facts.fp16.append(Setting(path, value))
-        elif name in vocab.WEIGHT_DTYPE_KEYS or (name == "dtype" and _is_model_scope(path)):
-            if as_text(value) in vocab.FP16_DTYPE_VALUES:
-                facts.pure_fp16.append(Setting(path, value))
-                facts.fp16.append(Setting(path, value))
     if facts.fp16:
-        facts.scaling = _read_scaling(data, sections)
+        facts.scaling = _read_scaling(data)
     return facts
 
 
@@ -288,7 +286,7 @@ def _read_switch(facts: Precision, path: KeyPath, value: Any, *, fp16: bool) -> 
         if "enabled" not in value:
             return
         path, value = (*path, "enabled"), value["enabled"]
-    if as_bool(value) is not True or isinstance(value, int) and not isinstance(value, bool) and value > 1:
+    if as_bool(value) is not True:
         return
     setting = Setting(path, value)
     if fp16:
@@ -311,7 +309,9 @@ def _read_precision_text(facts: Precision, path: KeyPath, value: Any) -> None:
 
 def _read_amp(facts: Precision, path: KeyPath, value: Any, parent: Mapping[Any, Any]) -> None:
     if isinstance(value, Mapping):  # DeepSpeed's apex block: {"amp": {"enabled": true, "opt_level": "O1"}}
-        return  # its opt_level is read on its own; "enabled" alone means apex O1, fp16 mixed
+        if "opt_level" not in value and as_bool(value.get("enabled")) is True:
+            facts.fp16.append(Setting((*path, "enabled"), value["enabled"]))  # apex's default level, O1
+        return  # an explicit opt_level is read on its own
     if as_bool(value) is not True:
         return
     dtypes = {as_text(parent.get(k)) for k in parent if str(k).lower() in vocab.AMP_DTYPE_KEYS}
@@ -330,11 +330,17 @@ def _read_apex_level(facts: Precision, path: KeyPath, value: Any, parent: Mappin
         facts.pure_fp16.append(Setting(path, value))
 
 
-def _is_model_scope(path: KeyPath) -> bool:
-    return len(path) == 1 or any(isinstance(p, str) and "model" in p.lower() for p in path[:-1])
+def _is_weight_dtype(name: str, path: KeyPath) -> bool:
+    """``torch_dtype``-like keys anywhere; a bare ``dtype`` only at the top or under a model section
+    (elsewhere it is as likely a data or autocast dtype)."""
+    if name in vocab.WEIGHT_DTYPE_KEYS:
+        return True
+    return name == "dtype" and (
+        len(path) == 1 or any(isinstance(p, str) and "model" in p.lower() for p in path[:-1])
+    )
 
 
-def _read_scaling(data: Mapping[Any, Any], sections: Sections) -> list[ScalingProblem]:
+def _read_scaling(data: Mapping[Any, Any]) -> list[ScalingProblem]:
     problems: list[ScalingProblem] = []
     for path, value, parent in walk(data):
         if not isinstance(parent, Mapping):
@@ -345,17 +351,23 @@ def _read_scaling(data: Mapping[Any, Any], sections: Sections) -> list[ScalingPr
             if problem is not None:
                 problems.append(problem)
         elif name in vocab.SCALER_SWITCH_KEYS:
-            target, switch = ((*path, "enabled"), value["enabled"]) if isinstance(value, Mapping) else (path, value)
-            if isinstance(value, Mapping) and "enabled" not in value:
-                continue
-            if as_bool(switch) is False:
-                problems.append(ScalingProblem(target, switch, "off", True, f"{name} turns the gradient scaler off"))
+            if isinstance(value, Mapping):  # {"scaler": {"enabled": false, ...}}
+                if "enabled" not in value:
+                    continue
+                path, value = (*path, "enabled"), value["enabled"]
+            if as_bool(value) is False:
+                problems.append(
+                    ScalingProblem(path, value, "off", True, f"{name} turns the gradient scaler off")
+                )
         elif name in vocab.DYNAMIC_SCALE_SWITCH_KEYS and as_bool(value) is False:
-            problems.append(ScalingProblem(path, value, "static", True, f"{name}: false fixes the loss scale"))
-        elif name in vocab.PRECISION_KEYS and as_text(value) in vocab.FP16_PURE_VALUES:
-            fix = "16-mixed" if sections.lightning else None
             problems.append(
-                ScalingProblem(path, value, "off", fix, f"precision {value!r} runs pure fp16 with no GradScaler")
+                ScalingProblem(path, value, "static", True, f"{name}: false fixes the loss scale")
+            )
+        elif name in vocab.PRECISION_KEYS and as_text(value) in vocab.FP16_PURE_VALUES:
+            problems.append(
+                ScalingProblem(
+                    path, value, "off", "16-mixed", f"precision {value!r} runs pure fp16 with no GradScaler"
+                )
             )
         elif name == "opt_level" and as_text(value) == "o3" and "loss_scale" not in parent:
             problems.append(

@@ -18,7 +18,9 @@ from nanguard.lint.findings import KeyPath
 _MISSING = object()
 _TRUE_WORDS = {"true", "yes", "on", "1", "enabled", "enable"}
 _FALSE_WORDS = {"false", "no", "off", "0", "disabled", "disable", "none", "null"}
-_INF_TEXT = re.compile(r"^([+-]?)(?:float\(['\"]?([+-]?)(?:inf|infinity)['\"]?\)|(?:math\.|torch\.|np\.|numpy\.)?\.?(?:inf|infinity))$")
+_INF_TEXT = re.compile(
+    r"^([+-]?)(?:float\(['\"]?([+-]?)(?:inf|infinity)['\"]?\)|(?:math\.|torch\.|np\.|numpy\.)?\.?(?:inf|infinity))$"
+)
 
 
 def walk(data: Any, path: KeyPath = ()) -> Iterator[tuple[KeyPath, Any, Any]]:
@@ -38,12 +40,11 @@ def walk(data: Any, path: KeyPath = ()) -> Iterator[tuple[KeyPath, Any, Any]]:
 def get_path(data: Any, key_path: KeyPath, default: Any = None) -> Any:
     node = data
     for part in key_path:
-        if isinstance(node, Mapping) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
-            node = node[part]
-        else:
+        in_mapping = isinstance(node, Mapping) and part in node
+        in_list = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        if not (in_mapping or in_list):
             return default
+        node = node[part]
     return node
 
 

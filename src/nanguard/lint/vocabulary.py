@@ -36,7 +36,9 @@ CLIP_KEYS = frozenset(
     }
 )
 # A key that names a warmup length, and how to read its number.
-WARMUP_RATIO_KEYS = frozenset({"warmup_ratio", "warmup_fraction", "warmup_proportion", "warmup_pct", "pct_start"})
+WARMUP_RATIO_KEYS = frozenset(
+    {"warmup_ratio", "warmup_fraction", "warmup_proportion", "warmup_pct", "pct_start"}
+)
 WARMUP_EPOCH_KEYS = frozenset({"warmup_epochs", "warmup_epoch", "num_warmup_epochs"})
 WARMUP_STEP_KEYS = frozenset(
     {
@@ -99,6 +101,7 @@ FINE_TUNING_KEYS = frozenset(
 NOT_FINE_TUNING_VALUES = frozenset({"scratch", "none", "null", "", "random", "false", "no"})
 
 # Hugging Face TrainingArguments fields that rarely appear elsewhere; two of them make a HF section.
+# (Not max_grad_norm or warmup_ratio: the fixer inserts those into free-form files.)
 HF_MARKER_KEYS = frozenset(
     {
         "output_dir",
@@ -117,14 +120,9 @@ HF_MARKER_KEYS = frozenset(
         "adam_epsilon",
         "adam_beta1",
         "adam_beta2",
-        "max_grad_norm",
-        "warmup_ratio",
-        "optim",
-        "report_to",
         "fp16_full_eval",
         "bf16_full_eval",
         "half_precision_backend",
-        "gradient_checkpointing",
         "load_best_model_at_end",
     }
 )
@@ -157,7 +155,9 @@ FP16_SWITCH_KEYS = frozenset({"fp16", "float16"})
 BF16_SWITCH_KEYS = frozenset({"bf16", "bfloat16"})
 AMP_SWITCH_KEYS = frozenset({"amp", "use_amp", "enable_amp", "autocast", "use_autocast"})
 AMP_DTYPE_KEYS = frozenset({"amp_dtype", "autocast_dtype", "dtype"})
-PURE_FP16_SWITCH_KEYS = frozenset({"half", "pure_fp16", "pure_half", "fp16_pure", "fp16_master_weights_and_grads"})
+PURE_FP16_SWITCH_KEYS = frozenset(
+    {"half", "pure_fp16", "pure_half", "fp16_pure", "fp16_master_weights_and_grads"}
+)
 WEIGHT_DTYPE_KEYS = frozenset({"torch_dtype", "model_dtype", "weights_dtype", "weight_dtype"})
 FP16_DTYPE_VALUES = frozenset({"float16", "fp16", "half", "torch.float16", "torch.half", "16"})
 SCALER_SWITCH_KEYS = frozenset(

@@ -17,9 +17,10 @@ from typing import Any
 from nanguard.report.charts import Chart
 from nanguard.report.content import ReportContent
 from nanguard.report.load import EventRecord
-from nanguard.report.text import action_phrase, cause_phrase, format_number, trigger_phrase
+from nanguard.report.text import action_phrase, cause_phrase, format_number, steps_phrase, trigger_phrase
 
 GENERATOR = "nanguard report"
+MAX_FIXES = 6
 
 _CSS = """
 *{box-sizing:border-box}
@@ -58,7 +59,8 @@ article.c-rollback{border-left-color:#7048e8}article.c-lr_backoff{border-left-co
 article.c-abort{border-left-color:#c92a2a}
 .card-head{display:flex;gap:10px;align-items:center;flex-wrap:wrap}
 p.cause{font-size:16px;margin:10px 0 6px}
-dl.where{display:grid;grid-template-columns:max-content 1fr;gap:2px 14px;margin:6px 0}
+dl.where{display:grid;grid-template-columns:max-content 1fr max-content 1fr;gap:3px 14px;margin:6px 0}
+p.where{margin:4px 0 8px}
 dl.where dt{color:#495057}dl.where dd{margin:0}
 .meter{display:inline-block;width:90px;height:8px;background:#e9ecef;border-radius:4px;vertical-align:middle;margin-right:6px}
 .meter i{display:block;height:100%;background:#1c7ed6;border-radius:4px}
@@ -150,12 +152,8 @@ def _todo(content: ReportContent) -> str:
     fixes = content.overview.top_fixes
     if not fixes:
         return ""
-    many = len(content.run.events) > 1
-    items = "".join(
-        f"<li>{esc(fix)}" + (f' <span class="count">(suggested for {n} events)</span>' if many and n > 1 else "")
-        + "</li>"
-        for fix, n in fixes[:6]
-    )
+    items = "".join(f'<li>{esc(fix)} <span class="count">({esc(steps_phrase(steps))})</span></li>'
+                    for fix, steps in fixes[:MAX_FIXES])
     return f'<section class="todo"><h2>What to do</h2><ol>{items}</ol></section>'
 
 
@@ -201,9 +199,6 @@ def _confidence(value: float | None) -> str:
 def _card(index: int, event: EventRecord, charts: list[Chart]) -> str:
     reproduced = {True: "yes, a replay showed it again", False: "no, a replay was finite", None: "not checked"}
     facts = [
-        ("Module", _code_or_dash(event.module)),
-        ("Op", _code_or_dash(event.op)),
-        ("Tensor", _code_or_dash(event.tensor)),
         ("Confidence", _confidence(event.confidence)),
         ("Reproduced", reproduced[event.reproducible]),
         ("Loss", esc(format_number(event.loss))),
@@ -220,6 +215,7 @@ def _card(index: int, event: EventRecord, charts: list[Chart]) -> str:
         f"{esc(trigger_phrase(event.trigger, event.loss, event.grad_norm))}</h3></div>",
         f"<p class='cause'><b>Cause:</b> {esc(cause_phrase(event.cause))} <code>{esc(event.cause)}</code>, "
         f"in the <b>{esc(event.phase)}</b> phase</p>",
+        f"<p class='where'><b>Where:</b> {_where(event) or 'not located to a module, op or tensor'}</p>",
         '<dl class="where">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>",
     ]
     if event.evidence:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,7 +279,7 @@ def load_summary(path: str | Path) -> Mapping[str, Any]:
     return payload
 
 
-def load_run(run_dir: str | Path) -> RunData:
+def load_run(run_dir: str | os.PathLike[str]) -> RunData:
     """Load a run directory; it must exist and hold at least ``events.jsonl`` or ``history.csv``."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -17,9 +17,10 @@ from urllib.parse import quote
 from nanguard.report.charts import Chart
 from nanguard.report.content import ReportContent
 from nanguard.report.load import EventRecord
-from nanguard.report.text import action_phrase, cause_phrase, format_number, trigger_phrase
+from nanguard.report.text import action_phrase, cause_phrase, format_number, steps_phrase, trigger_phrase
 
 MARKER = "<!-- nanguard report -->"
+MAX_FIXES = 6
 _MD_PUNCTUATION = re.compile(r"([\\`*_\[\]|~])")
 
 
@@ -73,8 +74,8 @@ def _overview(content: ReportContent) -> list[str]:
                      f"phase){'; ' + where if where else ''}")
     if ov.top_fixes:
         lines += ["", "## What to do", ""]
-        lines += [f"{i}. {md_esc(fix)}" + (f" (suggested for {n} events)" if n > 1 else "")
-                  for i, (fix, n) in enumerate(ov.top_fixes[:6], start=1)]
+        lines += [f"{i}. {md_esc(fix)} ({steps_phrase(steps)})"
+                  for i, (fix, steps) in enumerate(ov.top_fixes[:MAX_FIXES], start=1)]
     return lines
 
 
@@ -118,10 +119,11 @@ def render_markdown(content: ReportContent, image_dir: str) -> str:
     lines = [MARKER, f"# nanguard run report: {md_esc(run.run_dir)}", "", *_overview(content)]
     curve_charts = [chart for chart in content.charts if chart.event_index is None]
     if curve_charts or content.plot_note:
-        lines += ["", "## Training curves", ""]
+        lines += ["", "## Training curves"]
         if content.plot_note:
-            lines.append(f"> {md_esc(content.plot_note)}")
-        lines += [_image(chart, image_dir) + "\n" for chart in curve_charts]
+            lines += ["", f"> {md_esc(content.plot_note)}"]
+        for chart in curve_charts:
+            lines += ["", f"### {md_esc(chart.title)}", "", _image(chart, image_dir)]
     lines += ["", "## Events", ""]
     if not run.events:
         lines.append("No events were recorded.")

@@ -46,7 +46,7 @@ class Overview:
     steps_recorded: int
     action_counts: Mapping[str, int]
     nonfinite_steps: tuple[int, ...]
-    top_fixes: tuple[tuple[str, int], ...]
+    top_fixes: tuple[tuple[str, tuple[int, ...]], ...]
     lr_multiplier_varies: bool
     final_lr_multiplier: float | None
 
@@ -80,15 +80,17 @@ def run_outcome(run: RunData) -> Outcome:
     return Outcome("non-finite" if _is_nonfinite(final.loss) else "finite", last.step, final.loss)
 
 
-def rank_fixes(events: Sequence[EventRecord]) -> tuple[tuple[str, int], ...]:
-    """Distinct fixes, the most often suggested first (ties: first suggested first), with their counts."""
-    counts: Counter[str] = Counter()
-    first_seen: dict[str, int] = {}
+def rank_fixes(events: Sequence[EventRecord]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Distinct fixes with the steps of the events that suggested them; most often suggested first.
+
+    Ties keep the order in which the fixes were first suggested (dicts keep insertion order).
+    """
+    steps: dict[str, list[int]] = {}
     for event in events:
         for fix in dict.fromkeys(event.fixes):
-            counts[fix] += 1
-            first_seen.setdefault(fix, len(first_seen))
-    return tuple(sorted(counts.items(), key=lambda item: (-item[1], first_seen[item[0]])))
+            steps.setdefault(fix, []).append(event.step)
+    ranked = sorted(steps.items(), key=lambda item: -len(item[1]))
+    return tuple((fix, tuple(fix_steps)) for fix, fix_steps in ranked)
 
 
 def _grouped_phrases(events: Sequence[EventRecord]) -> list[str]:

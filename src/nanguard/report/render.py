@@ -15,15 +15,14 @@ from nanguard.errors import UsageError
 from nanguard.report.charts import build_charts
 from nanguard.report.content import ReportContent
 from nanguard.report.html_page import GENERATOR, render_html
-from nanguard.report.load import load_run
+from nanguard.report.load import RunData, load_run
 from nanguard.report.markdown_page import MARKER, render_markdown
 from nanguard.report.overview import summarise
 
 FORMATS = ("html", "md", "both")
 
 
-def build_content(run_dir: str | os.PathLike[str]) -> ReportContent:
-    run = load_run(run_dir)
+def build_content(run: RunData) -> ReportContent:
     charts, note = build_charts(run)
     return ReportContent(run=run, overview=summarise(run), charts=charts, plot_note=note)
 
@@ -83,9 +82,10 @@ def write_reports(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] |
                   fmt: str = "both") -> list[Path]:
     """Render and write the requested formats; returns the written report files (HTML first)."""
     paths = report_paths(Path(run_dir), out, fmt)
+    run = load_run(run_dir)
     for kind, path in paths.items():
         _check_writable(path, GENERATOR if kind == "html" else MARKER)
-    content = build_content(run_dir)
+    content = build_content(run)
     written = []
     if "html" in paths:
         write_atomic(paths["html"], render_html(content))

@@ -79,6 +79,13 @@ def cause_phrase(cause: str) -> str:
     return CAUSE_WORDS.get(cause, cause.replace("_", " "))
 
 
+def steps_phrase(steps: tuple[int, ...] | list[int], limit: int = 4) -> str:
+    """"step 120" / "steps 120, 300" / "steps 1, 2, 3, 4 and 5 more"."""
+    shown = ", ".join(str(step) for step in steps[:limit])
+    more = f" and {len(steps) - limit} more" if len(steps) > limit else ""
+    return f"step{'s' if len(steps) > 1 else ''} {shown}{more}"
+
+
 def _value(event: Mapping[str, Any], key: str) -> float | None:
     """The event's number, or the non-finite value its ``*_repr`` field kept (JSON has no NaN)."""
     value = event.get(key)

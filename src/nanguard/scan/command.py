@@ -33,9 +33,28 @@ def _ratio(text: str) -> float:
     return value
 
 
+_EPILOG = """\
+checks: nonfinite (NaN/Inf), label_out_of_range (labels outside [0, N), ignore index allowed),
+  token_out_of_range (ids outside [0, V)), extreme_scale (finite |x| > 65504, overflows fp16),
+  scale_mismatch (typical |x| far from sibling files'), constant (zero-variance column),
+  empty (zero-length/empty/missing rows), unreadable (corrupt or truncated file or line).
+Labels are fields or files named like label, labels, target, targets, y, class (or --label-field);
+token ids like input_ids, ids, token, tokens. Labels are checked against --vocab-size when
+--num-classes is not given (language-model targets).
+Rows are 0-based: axis 0 of arrays, data rows of CSV (after the header), lines of JSON lines.
+Exit status: 0 clean, 1 findings, 2 bad usage.
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="dataset files or folders (searched recursively)")
-    parser.add_argument("--num-classes", type=_positive_int, metavar="N", help="class labels must lie in [0, N)")
+    parser.epilog = _EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument(
+        "paths", nargs="+", metavar="PATH", help="dataset files or folders (searched recursively)"
+    )
+    parser.add_argument(
+        "--num-classes", type=_positive_int, metavar="N", help="class labels must lie in [0, N)"
+    )
     parser.add_argument("--vocab-size", type=_positive_int, metavar="V", help="token ids must lie in [0, V)")
     parser.add_argument(
         "--label-field",

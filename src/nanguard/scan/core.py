@@ -100,7 +100,9 @@ class RowMap:
         raise ValueError("a RowMap without offsets or ids does not know its length")
 
     def rows_of_positions(self, positions: np.ndarray) -> np.ndarray:
-        segments = positions if self.offsets is None else np.searchsorted(self.offsets, positions, "right") - 1
+        segments = (
+            positions if self.offsets is None else np.searchsorted(self.offsets, positions, "right") - 1
+        )
         segments = np.unique(segments)
         return self.rows_of_segments(segments)
 
@@ -165,6 +167,11 @@ def typical_magnitude(sample: np.ndarray) -> float | None:
 
 def _fmt(value: float) -> str:
     return f"{value:.4g}"
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 row``, ``3 rows``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 class FieldScanner:
@@ -242,7 +249,7 @@ class FieldScanner:
             self._count_extreme(values, rows)
         if self._can_be_constant:
             self._track_constant(values, low, high)
-        if self.role != "label" and self.role != "token" and self.role != "mask":
+        if self.role == "data":
             self.sampler.add(values.reshape(-1))
 
     def _bad_rows(self, mask: np.ndarray, rows: RowMap) -> np.ndarray:
@@ -258,8 +265,10 @@ class FieldScanner:
         self.posinf += posinf
         self.neginf += int(np.count_nonzero(bad)) - int(np.count_nonzero(nan)) - posinf
         self.nonfinite.add(int(np.count_nonzero(bad)), self._bad_rows(bad, rows), self.options.max_examples)
-        # NaN makes a column non-constant by definition here; the NaN itself is the finding.
-        self._can_be_constant = False
+        # A 1-D field with NaN is not called constant (the NaN is the finding); in a table the
+        # comparison with the first row already drops exactly the columns holding NaN.
+        if values.ndim == 1:
+            self._can_be_constant = False
         kept = values[finite]
         if kept.size == 0:
             return None, None
@@ -276,7 +285,9 @@ class FieldScanner:
 
     def range_bound(self) -> int | None:
         if self.role == "label":
-            return self.options.num_classes if self.options.num_classes is not None else self.options.vocab_size
+            return (
+                self.options.num_classes if self.options.num_classes is not None else self.options.vocab_size
+            )
         if self.role == "token":
             return self.options.vocab_size
         return None
@@ -348,13 +359,18 @@ class FieldScanner:
     def findings(self) -> list[Finding]:
         found: list[Finding] = []
         if self.nonfinite.count:
-            parts = [f"{n} {name}" for n, name in ((self.nan, "NaN"), (self.posinf, "+Inf"), (self.neginf, "-Inf")) if n]
+            parts = [
+                f"{n} {name}"
+                for n, name in ((self.nan, "NaN"), (self.posinf, "+Inf"), (self.neginf, "-Inf"))
+                if n
+            ]
             found.append(
                 self._finding(
                     "nonfinite",
                     self.nonfinite.count,
                     self.nonfinite.examples,
-                    f"{self.nonfinite.count} non-finite values ({', '.join(parts)}) in {self.nonfinite.rows} rows",
+                    f"{plural(self.nonfinite.count, 'non-finite value')} ({', '.join(parts)}) "
+                    f"in {plural(self.nonfinite.rows, 'row')}",
                 )
             )
         if self.out_of_range.count:
@@ -365,8 +381,9 @@ class FieldScanner:
                     "extreme_scale",
                     self.extreme.count,
                     self.extreme.examples,
-                    f"{self.extreme.count} finite values beyond the float16 range (|x| > 65504, largest "
-                    f"{_fmt(self.max_abs)}) in {self.extreme.rows} rows; they become inf under fp16 autocast",
+                    f"{plural(self.extreme.count, 'finite value')} beyond the float16 range (|x| > 65504, "
+                    f"largest {_fmt(self.max_abs)}) in {plural(self.extreme.rows, 'row')}; "
+                    "they become inf under fp16 autocast",
                 )
             )
         columns = self.constant_columns()
@@ -375,7 +392,12 @@ class FieldScanner:
         if self.empty.count:
             reasons = ", ".join(f"{n} {reason}" for reason, n in self.empty_reasons.items())
             found.append(
-                self._finding("empty", self.empty.count, self.empty.examples, f"{self.empty.count} empty rows ({reasons})")
+                self._finding(
+                    "empty",
+                    self.empty.count,
+                    self.empty.examples,
+                    f"{plural(self.empty.count, 'empty row')} ({reasons})",
+                )
             )
         return found
 
@@ -383,20 +405,32 @@ class FieldScanner:
         bound = self.range_bound()
         if self.role == "label":
             check, what = "label_out_of_range", "labels"
-            source = "--num-classes" if self.options.num_classes is not None else "--vocab-size (no --num-classes given)"
+            source = (
+                "--num-classes"
+                if self.options.num_classes is not None
+                else "--vocab-size (no --num-classes given)"
+            )
         else:
             check, what, source = "token_out_of_range", "token ids", "--vocab-size"
         message = (
-            f"{self.out_of_range.count} {what} outside [0, {bound}) in {self.out_of_range.rows} rows "
+            f"{self.out_of_range.count} {what} outside [0, {bound}) in {plural(self.out_of_range.rows, 'row')} "
             f"(min {_fmt(self.range_min or 0)}, max {_fmt(self.range_max or 0)}; bound from {source})"
         )
         if self.role == "label" and self.options.ignore_index is not None:
-            message += f"; {self.ignored} values equal to {self.options.ignore_index} were allowed as ignore_index"
+            ignore = self.options.ignore_index
+            message += (
+                f"; {ignore} is allowed as ignore_index ({plural(self.ignored, 'such value')} not counted)"
+            )
         return self._finding(check, self.out_of_range.count, self.out_of_range.examples, message)
 
     def _constant_finding(self, columns: list[int]) -> Finding:
         if self._reference is None:
-            return self._finding("constant", 1, [], f"all {self.rows} values equal {_fmt(float(self._low or 0))}")
+            return self._finding(
+                "constant",
+                1,
+                [],
+                f"all {self.rows} values equal {_fmt(float(self._low or 0))}: the field carries no information",
+            )
         shown = ", ".join(str(c) for c in columns[: self.options.max_examples])
         more = ", ..." if len(columns) > self.options.max_examples else ""
         return self._finding(

@@ -7,6 +7,7 @@ format and :func:`nanguard.scan.scan_dataset` call :func:`feed_array` for column
 
 from __future__ import annotations
 
+import itertools
 import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -26,7 +27,9 @@ def _no_progress(_: int) -> None:
 class FileScan:
     """The scanners and file-level findings of one file; ``name`` is what findings call the file."""
 
-    def __init__(self, name: str, stem: str | None, options: ScanOptions, advance: Advance = _no_progress) -> None:
+    def __init__(
+        self, name: str, stem: str | None, options: ScanOptions, advance: Advance = _no_progress
+    ) -> None:
         self.name = name
         self.stem = stem
         self.options = options
@@ -37,11 +40,21 @@ class FileScan:
     def field(self, name: str | None, role: Role | None = None) -> FieldScanner:
         scanner = self.scanners.get(name)
         if scanner is None:
-            scanner = FieldScanner(self.name, name, role or field_role(name, self.stem, self.options), self.options)
+            scanner = FieldScanner(
+                self.name, name, role or field_role(name, self.stem, self.options), self.options
+            )
             self.scanners[name] = scanner
         return scanner
 
-    def add(self, check: str, message: str, *, field: str | None = None, count: int = 1, examples: Iterable[int] = ()) -> None:
+    def add(
+        self,
+        check: str,
+        message: str,
+        *,
+        field: str | None = None,
+        count: int = 1,
+        examples: Iterable[int] = (),
+    ) -> None:
         rows = tuple(int(r) for r in examples)[: self.options.max_examples]
         self.extra.append(Finding(self.name, field, check, count, rows, message))
 
@@ -59,7 +72,7 @@ def rows_per_chunk(row_shape: tuple[int, ...], itemsize: int) -> int:
 
 def feed_array(scanner: FieldScanner, array: Any, advance: Advance = _no_progress, start: int = 0) -> None:
     """Scan an array (ndarray, memmap or CPU tensor) in chunks along axis 0, never copying it whole."""
-    if _is_tensor(array):
+    if is_tensor(array):
         array = array.detach()
         if array.ndim == 0:
             array = array.reshape(1)
@@ -84,7 +97,8 @@ def feed_array(scanner: FieldScanner, array: Any, advance: Advance = _no_progres
         advance(chunk.nbytes)
 
 
-def _is_tensor(value: Any) -> bool:
+def is_tensor(value: Any) -> bool:
+    """A torch tensor, recognised without importing torch."""
     return type(value).__module__.startswith("torch") and hasattr(value, "element_size")
 
 
@@ -107,7 +121,7 @@ def to_array(value: Any) -> np.ndarray | None:
     """A numeric array for a row value (number, list, nested ragged list, tensor), else ``None``."""
     if isinstance(value, np.ndarray):
         return value
-    if _is_tensor(value):
+    if is_tensor(value):
         return tensor_to_numpy(value)
     if isinstance(value, bool | numbers.Number):
         return np.asarray(value)
@@ -139,33 +153,46 @@ class RowBuffer:
 
     Rows of one shape are stacked into a regular chunk; rows of differing lengths become a ragged
     chunk (flat values plus offsets), so zero-length rows are found and row indices stay exact.
+    Plain Python numbers and flat lists are kept as they are and converted once per chunk: the
+    per-row cost is what limits a JSON-lines scan.
     """
 
     def __init__(self, scanner: FieldScanner, flush_rows: int = 4096) -> None:
         self.scanner = scanner
         self.flush_rows = flush_rows
         self._rows: list[int] = []
-        self._values: list[np.ndarray] = []
+        self._values: list[Any] = []
         self._elements = 0
 
     def add(self, row: int, value: Any) -> None:
-        if value is None:
+        kind = type(value)
+        if kind is int or kind is float:
+            self._append(row, value, 1)
+        elif kind is list:
+            if value:
+                self._append(row, value, len(value))
+            else:
+                self.scanner.note_empty(np.asarray([row]), "zero-length")
+                self.scanner.count_rows(1)
+        elif value is None:
             self.scanner.note_empty(np.asarray([row]), "missing (null)")
-            return
-        if isinstance(value, str | bytes):
+        elif isinstance(value, str | bytes):
             if len(value) == 0:
                 self.scanner.note_empty(np.asarray([row]), "empty string")
-            return
-        array = to_array(value)
-        if array is None:
-            return
-        if array.ndim > 0 and array.size == 0:
-            self.scanner.note_empty(np.asarray([row]), "zero-length")
-            self.scanner.count_rows(1)
-            return
+        else:
+            array = to_array(value)
+            if array is None:
+                return
+            if array.ndim > 0 and array.size == 0:
+                self.scanner.note_empty(np.asarray([row]), "zero-length")
+                self.scanner.count_rows(1)
+                return
+            self._append(row, array, array.size)
+
+    def _append(self, row: int, value: Any, size: int) -> None:
         self._rows.append(row)
-        self._values.append(array)
-        self._elements += array.size
+        self._values.append(value)
+        self._elements += size
         if len(self._rows) >= self.flush_rows or self._elements >= (1 << 18):
             self.flush()
 
@@ -174,14 +201,51 @@ class RowBuffer:
             return
         rows, values = np.asarray(self._rows), self._values
         self._rows, self._values, self._elements = [], [], 0
-        first_shape = values[0].shape
-        if all(v.shape == first_shape for v in values):
-            self.scanner.update(np.stack(values), RowMap(ids=rows))
+        plain = _plain_chunk(values)
+        if plain is not None:
+            array, offsets = plain
+            self.scanner.update(array, RowMap(offsets=offsets, ids=rows))
             return
-        flats = [v.reshape(-1) for v in values]
+        arrays = [to_array(v) for v in values]
+        kept = [i for i, a in enumerate(arrays) if a is not None]
+        if len(kept) < len(arrays):  # rows that hold no numbers (e.g. lists of strings)
+            rows, arrays = rows[kept], [arrays[i] for i in kept]
+            if not arrays:
+                return
+        numeric = [a for a in arrays if a is not None]
+        first_shape = numeric[0].shape
+        if all(a.shape == first_shape for a in numeric):
+            self.scanner.update(np.stack(numeric), RowMap(ids=rows))
+            return
+        flats = [a.reshape(-1) for a in numeric]
         offsets = np.zeros(len(flats) + 1, dtype=np.int64)
         np.cumsum([f.size for f in flats], out=offsets[1:])
         self.scanner.update(np.concatenate(flats), RowMap(offsets=offsets, ids=rows))
+
+
+def _plain_chunk(values: list[Any]) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """Rows that are all Python numbers, or all flat lists of numbers, as one array (+ offsets if ragged)."""
+    first = type(values[0])
+    if first is int or first is float:
+        if all(type(v) is int or type(v) is float for v in values):
+            array = np.asarray(values)
+            return (array, None) if array.dtype.kind in "iuf" else None
+        return None
+    if first is not list or not all(type(v) is list for v in values):
+        return None
+    lengths = [len(v) for v in values]
+    if min(lengths) == max(lengths):
+        try:
+            array = np.asarray(values)
+        except ValueError:
+            return None
+        return (array, None) if array.dtype.kind in "iuf" and array.ndim == 2 else None
+    flat = list(itertools.chain.from_iterable(values))
+    if not all(type(v) is int or type(v) is float for v in flat):
+        return None
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return np.asarray(flat), offsets
 
 
 class RecordBuffers:
@@ -227,7 +291,13 @@ def flatten_record(record: Any, prefix: str | None = None) -> list[tuple[str | N
     if isinstance(record, dict):
         out: list[tuple[str | None, Any]] = []
         for key, value in record.items():
-            out.extend(flatten_record(value, join_path(prefix, key)))
+            key_path = str(key) if prefix is None else f"{prefix}.{key}"
+            if isinstance(value, dict | tuple) or (
+                type(value) is list and value and isinstance(value[0], dict)
+            ):
+                out.extend(flatten_record(value, key_path))
+            else:
+                out.append((key_path, value))
         return out
     if isinstance(record, tuple):
         out = []

@@ -15,12 +15,21 @@ import numpy as np
 
 from nanguard._optional import require
 from nanguard.scan.core import RowMap
-from nanguard.scan.feed import FileScan, RecordBuffers, feed_array, join_path, rows_per_chunk, to_array
+from nanguard.scan.feed import (
+    FileScan,
+    RecordBuffers,
+    feed_array,
+    is_tensor,
+    join_path,
+    rows_per_chunk,
+    to_array,
+)
 
 Reader = Callable[[str, FileScan], None]
 
 #: The nan spellings that ``pandas.to_numeric`` turns into NaN on purpose (not parse failures).
 _NAN_TEXT = frozenset({"nan", "-nan", "+nan"})
+_BOM = b"\xef\xbb\xbf"
 
 
 def _no_rows(scan: FileScan, what: str = "no data rows") -> None:
@@ -30,6 +39,9 @@ def _no_rows(scan: FileScan, what: str = "no data rows") -> None:
 # --------------------------------------------------------------------------- numpy
 def read_npy(path: str, scan: FileScan) -> None:
     """Memory-mapped, so a file larger than memory is read one chunk at a time."""
+    with open(path, "rb") as handle:
+        if handle.read(6) != b"\x93NUMPY":
+            raise ValueError("not a .npy file (it does not start with the NumPy magic bytes)")
     array = np.load(path, mmap_mode="r", allow_pickle=False)
     _feed_numpy(array, None, scan)
 
@@ -64,7 +76,9 @@ def _stream_npy_member(member: IO[bytes], key: str, scan: FileScan) -> None:
     else:
         shape, fortran_order, dtype = fmt.read_array_header_2_0(member)
     if dtype.hasobject:
-        scan.add("unreadable", f"array {key!r} holds Python objects (pickled); not loaded, for safety", field=key)
+        scan.add(
+            "unreadable", f"array {key!r} holds Python objects (pickled); not loaded, for safety", field=key
+        )
         return
     rows = shape[0] if shape else 1
     if int(np.prod(shape, dtype=np.int64)) == 0:
@@ -144,9 +158,7 @@ def walk_object(obj: Any, path: str | None, scan: FileScan) -> None:
 
 
 def _as_array(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray) or (type(obj).__module__.startswith("torch") and hasattr(obj, "element_size")):
-        return obj
-    return None
+    return obj if isinstance(obj, np.ndarray) or is_tensor(obj) else None
 
 
 def _feed_any(array: Any, path: str | None, scan: FileScan) -> None:
@@ -168,6 +180,8 @@ def read_jsonl(path: str, scan: FileScan) -> None:
     with open(path, "rb") as handle:
         for index, line in enumerate(handle):
             scan.advance(len(line))
+            if index == 0:
+                line = line.removeprefix(_BOM)
             if not line.strip():
                 continue
             try:
@@ -180,7 +194,8 @@ def read_jsonl(path: str, scan: FileScan) -> None:
             records.add(index, record)
     records.flush()
     if bad:
-        scan.add("unreadable", f"{len(bad)} lines are not valid JSON (first: {first_error})", count=len(bad), examples=bad)
+        what = "1 line is" if len(bad) == 1 else f"{len(bad)} lines are"
+        scan.add("unreadable", f"{what} not valid JSON (first: {first_error})", count=len(bad), examples=bad)
     if rows == 0 and not bad:
         _no_rows(scan, "no JSON records")
 
@@ -188,7 +203,7 @@ def read_jsonl(path: str, scan: FileScan) -> None:
 def read_json(path: str, scan: FileScan) -> None:
     """A list of records, a dict of equal-length columns, or one record; JSON-lines text is accepted too."""
     with open(path, "rb") as handle:
-        text = handle.read()
+        text = handle.read().removeprefix(_BOM)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -222,12 +237,14 @@ def read_csv(path: str, scan: FileScan, chunk_rows: int = 65536) -> None:
     """Chunked; empty cells stay empty text (``na_filter=False``) so a missing cell and a NaN differ."""
     pd = require("pandas", extra="scan", feature="scanning .csv files")
     try:
-        reader = pd.read_csv(path, chunksize=chunk_rows, na_filter=False, skip_blank_lines=False, low_memory=False)
+        reader = pd.read_csv(
+            path, chunksize=chunk_rows, na_filter=False, skip_blank_lines=False, low_memory=False
+        )
     except pd.errors.EmptyDataError:
         _no_rows(scan, "no header and no rows")
         return
     start = 0
-    blank_rows: list[np.ndarray] = []
+    blank_examples: list[int] = []
     blank_count = 0
     with reader:
         for frame in reader:
@@ -240,14 +257,22 @@ def read_csv(path: str, scan: FileScan, chunk_rows: int = 65536) -> None:
                 scan.field(str(name)).note_empty(np.flatnonzero(empty & ~all_empty) + start, "empty cells")
             blank = np.flatnonzero(all_empty) + start
             blank_count += len(blank)
-            blank_rows.append(blank)
+            blank_examples.extend(int(r) for r in blank[: scan.options.max_examples - len(blank_examples)])
             start += len(frame)
             scan.advance(int(frame.memory_usage(deep=False).sum()))
     if start == 0:
         _no_rows(scan, "a header and no data rows")
     elif blank_count:
-        rows = np.concatenate(blank_rows)
-        scan.add("empty", f"{blank_count} rows are blank or have every cell empty", count=blank_count, examples=rows)
+        scan.add(
+            "empty",
+            (
+                f"{blank_count} rows are blank or have every cell empty"
+                if blank_count > 1
+                else "1 row is blank or has every cell empty"
+            ),
+            count=blank_count,
+            examples=blank_examples,
+        )
 
 
 def _scan_csv_column(column: Any, name: str, start: int, scan: FileScan, pd: Any) -> np.ndarray:
@@ -262,7 +287,10 @@ def _scan_csv_column(column: Any, name: str, start: int, scan: FileScan, pd: Any
     if not failed.any():  # a numeric column with empty cells or NaN spelled as text
         kept = np.flatnonzero(~empty)
         values = numbers.to_numpy(dtype=np.float64)[kept]
-        if np.array_equal(values[np.isfinite(values)], np.floor(values[np.isfinite(values)])) and not np.isnan(values).any():
+        if (
+            np.array_equal(values[np.isfinite(values)], np.floor(values[np.isfinite(values)]))
+            and not np.isnan(values).any()
+        ):
             values = values.astype(np.int64)
         scan.field(name).update(values, RowMap(ids=kept + start))
     return empty
@@ -282,7 +310,10 @@ def read_parquet(path: str, scan: FileScan) -> None:
         try:
             table = parquet.read_row_group(group)
         except Exception as exc:  # any arrow error here means this part of the file is damaged
-            scan.add("unreadable", f"row group {group} (rows {start}-{start + rows - 1}) cannot be read: {_one_line(exc)}")
+            scan.add(
+                "unreadable",
+                f"row group {group} (rows {start}-{start + rows - 1}) cannot be read: {_one_line(exc)}",
+            )
             start += rows
             continue
         while any(str(t).startswith("struct") for t in table.schema.types):

@@ -21,11 +21,21 @@ def render_table(result: ScanResult) -> str:
     if result.ok:
         return f"no problems found in {scanned}\n"
     rows = [
-        (f.file, f.field if f.field is not None else "-", f.check, str(f.count), _rows_text(f.examples, f.count), f.message)
+        (
+            f.file,
+            f.field if f.field is not None else "-",
+            f.check,
+            str(f.count),
+            _rows_text(f.examples, f.count),
+            f.message,
+        )
         for f in result.findings
     ]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(_HEADERS[:-1])]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip((*row[:-1],), widths, strict=True)) + "  " + row[-1] for row in [_HEADERS, *rows]]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip((*row[:-1],), widths, strict=True)) + "  " + row[-1]
+        for row in [_HEADERS, *rows]
+    ]
     files_with = len({f.file for f in result.findings})
     summary = f"{len(result.findings)} finding{'s' if len(result.findings) != 1 else ''} in {files_with} of {scanned}"
     return "\n".join(lines) + "\n\n" + summary + "\n"

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 
 from nanguard.errors import UsageError
-from nanguard.scan.core import FieldScanner, ScanOptions
-from nanguard.scan.feed import FileScan, RecordBuffers, feed_array, tensor_to_numpy
+from nanguard.scan.core import FieldScanner, Role, ScanOptions
+from nanguard.scan.feed import FileScan, RecordBuffers, feed_array, is_tensor, tensor_to_numpy
 from nanguard.scan.formats import KINDS, READERS, walk_object
 from nanguard.scan.progress import Progress
 from nanguard.scan.result import Finding, ScanResult, sort_findings
@@ -29,7 +29,9 @@ def make_options(
 ) -> ScanOptions:
     """Validated options; a bad value raises :class:`UsageError` naming the argument."""
     for name, value in (("num_classes", num_classes), ("vocab_size", vocab_size)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1
+        ):
             raise UsageError(f"{name} must be a positive integer, got {value!r}")
     if not scale_ratio > 1:
         raise UsageError(f"scale_ratio must be greater than 1, got {scale_ratio!r}")
@@ -205,7 +207,7 @@ def scan_dataset(
 
 def _scan_object(obj: Any, file_scan: FileScan) -> None:
     module = type(obj).__module__
-    if isinstance(obj, np.ndarray) or (module.startswith("torch") and hasattr(obj, "element_size")):
+    if isinstance(obj, np.ndarray) or is_tensor(obj):
         walk_object(obj, None, file_scan)
     elif module.startswith("pandas") and hasattr(obj, "columns"):
         for column in obj.columns:
@@ -227,11 +229,15 @@ def _scan_object(obj: Any, file_scan: FileScan) -> None:
             records.add(row, item)
         records.flush()
     else:
-        raise UsageError(f"cannot scan an object of type {type(obj).__name__}: pass an array, tensor, dict, Dataset or DataLoader")
+        raise UsageError(
+            f"cannot scan an object of type {type(obj).__name__}: pass an array, tensor, dict, Dataset or DataLoader"
+        )
 
 
 def _is_dataloader(obj: Any) -> bool:
-    return any(cls.__name__ == "DataLoader" and cls.__module__.startswith("torch") for cls in type(obj).__mro__)
+    return any(
+        cls.__name__ == "DataLoader" and cls.__module__.startswith("torch") for cls in type(obj).__mro__
+    )
 
 
 def _scan_batches(loader: Iterable[Any], file_scan: FileScan) -> None:
@@ -244,10 +250,10 @@ def _scan_batches(loader: Iterable[Any], file_scan: FileScan) -> None:
         pair = isinstance(batch, tuple | list) and len(batch) == 2
         for path, value in fields:
             array = value if isinstance(value, np.ndarray) else None
-            if array is None and type(value).__module__.startswith("torch") and hasattr(value, "element_size"):
+            if array is None and is_tensor(value):
                 array = tensor_to_numpy(value)
             if array is not None and array.ndim > 0:
-                role = "label" if pair and path == "1" and array.dtype.kind in "iu" else None
+                role: Role | None = "label" if pair and path == "1" and array.dtype.kind in "iu" else None
                 feed_array(file_scan.field(path, role), array, start=row)
                 size = max(size, array.shape[0])
             elif isinstance(value, list):
@@ -277,13 +283,9 @@ def _batch_fields(batch: Any, prefix: str | None = None) -> list[tuple[str | Non
     return [(prefix, batch)]
 
 
-def _is_array_like(value: Any) -> bool:
-    return isinstance(value, np.ndarray) or hasattr(value, "element_size")
-
-
 def _nbytes(obj: Any) -> int:
     if isinstance(obj, np.ndarray):
         return int(obj.nbytes)
-    if hasattr(obj, "element_size") and hasattr(obj, "numel"):
+    if is_tensor(obj):
         return int(obj.element_size() * obj.numel())
     return 0

@@ -31,6 +31,8 @@ LABEL_LEVELS = 3
 MIN_LABEL_GAP = 0.2
 """Two labels on one row need at least this fraction of the axis width between them."""
 MAX_PINNED_LABELS = 6
+MAX_DRAWN_POINTS = 8000
+"""Longer runs are thinned to each bucket's lowest and highest point: the same picture, drawn fast."""
 PINNED_COLOR = "#862e9c"
 
 
@@ -55,12 +57,25 @@ def series_from(history: Sequence[HistoryRow], events: Sequence[EventRecord], ke
     return Series(tuple(item.step for item in source), tuple(getattr(item, key) for item in source))
 
 
+def thin(points: Sequence[tuple[int, float]], limit: int = MAX_DRAWN_POINTS) -> tuple[tuple[int, float], ...]:
+    """Keep the extremes of each bucket, in step order, so no spike disappears from a long curve."""
+    if len(points) <= limit:
+        return tuple(points)
+    size = math.ceil(2 * len(points) / limit)
+    kept: list[tuple[int, float]] = []
+    for start in range(0, len(points), size):
+        bucket = points[start : start + size]
+        low, high = min(bucket, key=lambda p: p[1]), max(bucket, key=lambda p: p[1])
+        kept += sorted({low, high})
+    return tuple(kept)
+
+
 def split_series(series: Series) -> SplitSeries:
-    points = [(s, v) for s, v in zip(series.steps, series.values) if v is not None]
+    points = [(s, v) for s, v in zip(series.steps, series.values, strict=True) if v is not None]
     ceiling = outlier_ceiling(v for _, v in points)
     finite = [(s, v) for s, v in points if math.isfinite(v)]
     return SplitSeries(
-        drawn=tuple((s, v) for s, v in finite if ceiling is None or v <= ceiling),
+        drawn=thin([(s, v) for s, v in finite if ceiling is None or v <= ceiling]),
         nonfinite=tuple((s, v) for s, v in points if not math.isfinite(v)),
         above=tuple((s, v) for s, v in finite if ceiling is not None and v > ceiling),
     )
@@ -110,7 +125,7 @@ def _pin(ax: Any, points: Sequence[tuple[int, float]], marker: str, color: str) 
 def _draw_series(ax: Any, series: Series, color: str, label: str) -> SplitSeries:
     split = split_series(series)
     if split.drawn:
-        xs, ys = zip(*split.drawn)
+        xs, ys = zip(*split.drawn, strict=True)
         ax.plot(xs, ys, color=color, linewidth=1.3, marker="o" if len(xs) < 40 else None, markersize=3)
         apply_scale(ax, ys)
     _pin(ax, split.nonfinite, "X", NONFINITE_COLOR)
@@ -138,7 +153,7 @@ def _mark_events(axes: Sequence[Any], events: Sequence[EventRecord]) -> None:
     lo, hi = top.get_xlim()
     span = (hi - lo) or 1.0
     rows = stagger_labels([(event.step - lo) / span for _, event in ordered])
-    for (index, event), row in zip(ordered, rows):
+    for (index, event), row in zip(ordered, rows, strict=True):
         if row is None:
             continue
         color = ACTION_COLORS.get(event.action, "#495057")

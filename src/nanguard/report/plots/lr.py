@@ -15,7 +15,7 @@ def plot_lr_multiplier(history: Sequence[HistoryRow], events: Sequence[EventReco
               if row.lr_multiplier is not None and math.isfinite(row.lr_multiplier)]
     if not points or all(math.isclose(value, 1.0) for _, value in points):
         return None
-    steps, values = zip(*points)
+    steps, values = zip(*points, strict=True)
     with figure(11.5, 2.6) as fig:
         ax = fig.subplots()
         ax.plot(steps, values, drawstyle="steps-post", color=ACTION_COLORS["lr_backoff"], linewidth=1.6)
@@ -25,8 +25,7 @@ def plot_lr_multiplier(history: Sequence[HistoryRow], events: Sequence[EventReco
             if event.action in ("lr_backoff", "rollback"):
                 ax.axvline(event.step, color=ACTION_COLORS[event.action], linestyle="--", linewidth=1.0)
         ax.set_ylim(0, max(1.05, max(values) * 1.05))
-        ax.set_title("LR multiplier (applied by the guard on top of your schedule)", loc="left")
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("× learning rate")
+        ax.set_ylabel("guard's LR multiplier")
         fig.subplots_adjust(left=0.07, right=0.98, top=0.85, bottom=0.2)
         return to_png(fig)

@@ -89,8 +89,11 @@ def plot_module_magnitudes(stats: Sequence[ModuleStat], highlight: str | None = 
     chosen = select_modules(stats, highlight)
     if not chosen or not any(s.nonfinite or _magnitude(s) > 0 for s in chosen):
         return None
-    limits = {normalise_dtype(s.dtype): dtype_limit(s.dtype) for s in chosen}
-    limits = {name: value for name, value in limits.items() if name and value}
+    limits: dict[str, float] = {}
+    for stat in chosen:
+        name, limit = normalise_dtype(stat.dtype), dtype_limit(stat.dtype)
+        if name and limit:
+            limits[name] = limit
     values = [v for s in chosen for v in (s.act_absmax, s.grad_absmax) if v is not None and math.isfinite(v) and v > 0]
     top = max([*values, min(limits.values(), default=1.0), 1.0]) * 30
     bottom = min([*values, 1.0]) / 10
@@ -120,8 +123,8 @@ def plot_module_magnitudes(stats: Sequence[ModuleStat], highlight: str | None = 
                         xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=8,
                         color=NONFINITE_COLOR, fontweight="bold", annotation_clip=False, **LITERAL)
         if off_scale:
-            ax.annotate(f"off scale →  {', '.join(off_scale)}", (1.0, 1.0), xycoords="axes fraction",
-                        xytext=(0, 3), textcoords="offset points", ha="right", va="bottom", fontsize=8,
+            ax.annotate(f"beyond the right edge: {', '.join(off_scale)}", (0.0, 1.0), xycoords="axes fraction",
+                        xytext=(0, 3), textcoords="offset points", ha="left", va="bottom", fontsize=8,
                         color="#868e96", annotation_clip=False, **LITERAL)
         ax.set_xscale("log")
         ax.set_xlim(bottom, top)
@@ -129,7 +132,7 @@ def plot_module_magnitudes(stats: Sequence[ModuleStat], highlight: str | None = 
         ax.set_yticks(range(len(chosen)))
         labels = [f"{shorten(s.module or '(root)')}  [{normalise_dtype(s.dtype) or '?'}]" for s in reversed(chosen)]
         ax.set_yticklabels(labels, fontsize=8, **LITERAL)
-        for tick, stat in zip(ax.get_yticklabels(), reversed(chosen)):
+        for tick, stat in zip(ax.get_yticklabels(), reversed(chosen), strict=True):
             if stat.module == highlight or stat.nonfinite:
                 tick.set_color(NONFINITE_COLOR)
                 tick.set_fontweight("bold")

@@ -100,7 +100,10 @@ def shorten(text: str, limit: int = 44) -> str:
 
 
 OUTLIER_SPREADS = 50.0
-"""A value is pinned above the axis when it exceeds the 90th percentile by this many 10–90 spreads."""
+"""A value is pinned above the axis when it exceeds the 90th percentile by this many 10–90 spreads.
+
+The spread counts as at least half the median, so on a flat plateau a 4x spike is still drawn.
+"""
 MAX_OUTLIER_FRACTION = 0.02
 """More outliers than this and they are the data (a divergence), not spikes: draw them all."""
 
@@ -116,7 +119,7 @@ def outlier_ceiling(values: Iterable[float]) -> float | None:
     if len(finite) < 10:
         return None
     q10, q50, q90 = (finite[int(q * (len(finite) - 1))] for q in (0.1, 0.5, 0.9))
-    spread = max(q90 - q10, 0.05 * abs(q50), 1e-12)
+    spread = max(q90 - q10, 0.5 * abs(q50), 1e-12)
     ceiling = q90 + OUTLIER_SPREADS * spread
     above = sum(v > ceiling for v in finite)
     if above == 0 or above > MAX_OUTLIER_FRACTION * len(finite):

@@ -1,4 +1,9 @@
-"""Realistic run directories for the report tests, written the way the guard writes them."""
+"""Realistic run directories for the report tests, written the way the guard writes them.
+
+A fixture run has 400 steps: a NaN loss at step 120 (skipped, diagnosed as a float16 overflow with
+per-module magnitudes), a clipped gradient spike at 200 (history only), a loss spike of 8.7e15 at
+300 (rolled back) and a divergence at 340 (LR backed off to 0.5x).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ import math
 import random
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from nanguard.events import Diagnosis, Event
 from nanguard.record import EventLog, HistoryLog
@@ -104,3 +111,26 @@ def write_run(run_dir: Path, *, evil: bool = False, summary: bool = True, histor
 
 def read_event_dicts(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return write_run(tmp_path / "run")
+
+
+@pytest.fixture
+def evil_run_dir(tmp_path: Path) -> Path:
+    """Module and tensor names that are HTML: the report must show them, not run them."""
+    return write_run(tmp_path / "evil", evil=True)
+
+
+@pytest.fixture
+def make_run():
+    return write_run
+
+
+@pytest.fixture
+def facts() -> dict[str, Any]:
+    """The fixture run's known facts, for assertions."""
+    return {"nan_step": NAN_STEP, "clip_step": CLIP_STEP, "spike_step": SPIKE_STEP,
+            "divergence_step": DIVERGENCE_STEP, "steps": STEPS, "evil_module": EVIL_MODULE}

@@ -1,0 +1,149 @@
+"""The at-a-glance summary and the pure helpers behind the charts."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nanguard.report.load import EventRecord, ModuleStat, load_run
+from nanguard.report.overview import headline, rank_fixes, run_outcome, summarise
+from nanguard.report.plots.curves import stagger_labels, thin
+from nanguard.report.plots.modules import dtype_limit, select_modules
+from nanguard.report.plots.style import choose_scale, outlier_ceiling
+from nanguard.report.text import format_number, steps_phrase
+
+
+def _event(step: int, trigger: str = "loss_spike", action: str = "skip", fixes: tuple[str, ...] = ()) -> EventRecord:
+    return EventRecord(line=1, step=step, trigger=trigger, action=action, cause="unknown", phase="unknown",
+                       fixes=fixes)
+
+
+def test_headline_says_what_when_and_how_it_ended(run_dir: Path) -> None:
+    overview = summarise(load_run(run_dir))
+    assert overview.headline == (
+        "3 events: NaN loss at step 120 (skipped), loss spike at step 300 (rolled back), "
+        "divergence at step 340 (LR backed off); run ended finite at step 399 (loss 1.813)."
+    )
+    assert overview.action_counts == {"skip": 1, "clip": 1, "rollback": 1, "lr_backoff": 1}
+    assert overview.nonfinite_steps == (120,)
+    assert overview.lr_multiplier_varies and overview.final_lr_multiplier == 0.5
+    assert overview.top_fixes[0] == ("compute attention scores in float32 (upcast q·k before softmax)", (120,))
+
+
+def test_many_events_are_grouped_in_the_headline() -> None:
+    events = [_event(step, "nonfinite_loss") for step in range(10, 16)] + [_event(40, "divergence", "lr_backoff")]
+    outcome = run_outcome_stub()
+    text = headline(events, outcome)
+    assert text.startswith("7 events: 6× non-finite loss steps 10–15 (skipped), 1× divergence at step 40 (LR backed off)")
+
+
+def run_outcome_stub():
+    from nanguard.report.overview import Outcome
+
+    return Outcome("finite", 99, 1.0)
+
+
+def test_no_events_headline() -> None:
+    assert headline([], run_outcome_stub()).startswith("No events: every guarded step was finite")
+
+
+def test_outcome_aborted_from_event_or_summary(make_run, tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "a")
+    (run_dir / "summary.json").write_text(json.dumps({"aborted": True}))
+    outcome = run_outcome(load_run(run_dir))
+    assert outcome.state == "aborted" and outcome.sentence == "run aborted at step 399"
+    events_only = make_run(tmp_path / "b", history=False, summary=False)
+    assert run_outcome(load_run(events_only)).state == "unknown"
+
+
+def test_outcome_non_finite_when_last_loss_is_nan(tmp_path: Path) -> None:
+    (tmp_path / "history.csv").write_text("step,loss\n0,1.0\n1,nan\n")
+    outcome = run_outcome(load_run(tmp_path))
+    assert outcome.state == "non-finite" and outcome.step == 1
+
+
+def test_rank_fixes_orders_by_frequency_then_first_seen() -> None:
+    events = [_event(1, fixes=("a", "b")), _event(2, fixes=("c", "b")), _event(3, fixes=("b", "a", "a"))]
+    assert rank_fixes(events) == (("b", (1, 2, 3)), ("a", (1, 3)), ("c", (2,)))
+
+
+def test_steps_phrase_and_numbers() -> None:
+    assert steps_phrase((5,)) == "step 5"
+    assert steps_phrase(tuple(range(6))) == "steps 0, 1, 2, 3 and 2 more"
+    assert [format_number(v) for v in (None, math.nan, math.inf, -math.inf, 8.7e15)] == ["—", "NaN", "+Inf", "-Inf",
+                                                                                       "8.7e+15"]
+
+
+finite_floats = st.floats(allow_nan=False, allow_infinity=False, min_value=-1e300, max_value=1e300)
+
+
+@given(st.lists(finite_floats | st.sampled_from([math.nan, math.inf, -math.inf]), max_size=60))
+def test_choose_scale_is_consistent(values: list[float]) -> None:
+    scale, linthresh = choose_scale(values)
+    finite = [v for v in values if math.isfinite(v)]
+    if scale == "log":
+        assert finite and min(finite) > 0
+    if scale == "symlog":
+        assert linthresh is not None and linthresh > 0 and min(finite) <= 0
+    if scale == "linear":
+        assert linthresh is None
+
+
+def test_choose_scale_examples() -> None:
+    assert choose_scale([2.0, 1.9, 1.8]) == ("linear", None)
+    assert choose_scale([10.0, 1.0, 0.01]) == ("log", None)
+    assert choose_scale([0.0, 1.0, 1e6])[0] == "symlog"
+
+
+@given(st.lists(st.floats(min_value=0.1, max_value=10.0), min_size=10, max_size=200),
+       st.floats(min_value=1e6, max_value=1e30))
+def test_outlier_ceiling_pins_a_lone_spike_and_keeps_the_rest(values: list[float], spike: float) -> None:
+    values = [*values, *([1.0] * 50)]
+    series = [*values, spike]
+    ceiling = outlier_ceiling(series)
+    assert ceiling is not None and max(values) <= ceiling < spike
+
+
+def test_outlier_ceiling_leaves_a_divergence_alone() -> None:
+    rising = [1.0] * 50 + [10.0**k for k in range(1, 10)]  # 15% "outliers": that is the data
+    assert outlier_ceiling(rising) is None
+    assert outlier_ceiling([1.0, 2.0, 1e9]) is None  # too few points to call anything an outlier
+
+
+@given(st.lists(st.floats(min_value=0.0, max_value=1.0), max_size=40).map(sorted))
+def test_stagger_labels_never_overlaps_on_a_row(positions: list[float]) -> None:
+    rows = stagger_labels(positions, levels=3, gap=0.2)
+    assert len(rows) == len(positions)
+    for level in range(3):
+        placed = [x for x, row in zip(positions, rows, strict=True) if row == level]
+        assert all(b - a >= 0.2 for a, b in itertools.pairwise(placed))
+
+
+def test_dtype_limits() -> None:
+    assert dtype_limit("torch.float16") == 65504.0
+    assert dtype_limit("half") == 65504.0
+    assert dtype_limit("bf16") == dtype_limit("bfloat16") > 3e38
+    assert dtype_limit("torch.int8") is None and dtype_limit(None) is None
+
+
+def test_select_modules_keeps_the_culprit_and_order() -> None:
+    stats = [ModuleStat(f"m{i}", "float16", float(i), None, False) for i in range(50)]
+    stats[3] = ModuleStat("culprit", "float16", None, None, True)
+    chosen = select_modules(stats, highlight="m0", limit=10)
+    names = [s.module for s in chosen]
+    assert len(chosen) == 10 and "culprit" in names and "m0" in names and "m49" in names
+    assert names == [s.module for s in stats if s.module in names]  # execution order kept
+
+
+@given(st.lists(st.floats(min_value=-1e6, max_value=1e6), min_size=1, max_size=3000), st.integers(10, 500))
+def test_thin_keeps_extremes_and_order(values: list[float], limit: int) -> None:
+    points = list(enumerate(values))
+    kept = thin(points, limit)
+    assert len(kept) <= (len(points) if len(points) <= limit else limit + 2)
+    assert [s for s, _ in kept] == sorted({s for s, _ in kept})
+    assert max(values) in {v for _, v in kept} and min(values) in {v for _, v in kept}

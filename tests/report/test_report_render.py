@@ -1,0 +1,215 @@
+"""The rendered pages: escaping, self-contained images that decode, tables that match the events."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from nanguard.errors import UsageError
+from nanguard.report import render_report, write_reports
+from nanguard.report.markdown_page import md_esc
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class PageParser(HTMLParser):
+    """Collects what the tests look at: tags seen, <img> sources, events-table rows, all text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.images: list[dict[str, str | None]] = []
+        self.links: list[str] = []
+        self.table_rows: list[list[str]] = []
+        self.text: list[str] = []
+        self._in_events_table = False
+        self._row: list[str] | None = None
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        attributes = dict(attrs)
+        if tag == "img":
+            self.images.append(attributes)
+        if tag in ("a", "link") and attributes.get("href"):
+            self.links.append(attributes["href"] or "")
+        if tag == "table" and attributes.get("id") == "events-table":
+            self._in_events_table = True
+        if self._in_events_table and tag == "tr":
+            self._row = []
+        if self._row is not None and tag == "td":
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td" and self._row is not None and self._cell is not None:
+            self._row.append("".join(self._cell).strip())
+            self._cell = None
+        if tag == "tr" and self._row:
+            self.table_rows.append(self._row)
+            self._row = None
+        if tag == "table":
+            self._in_events_table = False
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def parse(path: Path) -> PageParser:
+    parser = PageParser()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser
+
+
+def decode_png(data: bytes) -> Image.Image:
+    assert data.startswith(PNG_SIGNATURE)
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    assert image.width > 100 and image.height > 100
+    return image
+
+
+def read_events(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_render_writes_html_md_and_pngs(run_dir: Path) -> None:
+    html_path = render_report(run_dir)
+    assert html_path == run_dir / "report.html"
+    assert (run_dir / "report.md").is_file()
+    pngs = sorted(p.name for p in (run_dir / "report_files").iterdir())
+    assert pngs == ["curves.png", "event1_modules.png", "lr_multiplier.png"]
+    for name in pngs:
+        decode_png((run_dir / "report_files" / name).read_bytes())
+
+
+def test_every_img_is_an_inline_png_that_decodes(run_dir: Path) -> None:
+    page = parse(render_report(run_dir))
+    assert len(page.images) == 3
+    for image in page.images:
+        src = image["src"] or ""
+        assert src.startswith("data:image/png;base64,")
+        decode_png(base64.b64decode(src.split(",", 1)[1], validate=True))
+        assert image.get("alt")
+
+
+def test_page_is_self_contained(run_dir: Path) -> None:
+    page = parse(render_report(run_dir))
+    assert "script" not in page.tags and "link" not in page.tags and "iframe" not in page.tags
+    assert all(href.startswith("#") for href in page.links)
+    raw = (run_dir / "report.html").read_text()
+    assert "http://" not in raw and "https://" not in raw and "url(" not in raw
+
+
+def test_events_table_matches_events_jsonl(run_dir: Path) -> None:
+    page = parse(render_report(run_dir))
+    expected = []
+    for index, event in enumerate(read_events(run_dir), start=1):
+        d = event["diagnosis"]
+        expected.append([str(index), str(event["step"]), event["trigger"], None, d["cause"], d["phase"],
+                         d.get("module") or "—", d.get("op") or "—", d.get("tensor") or "—"])
+    assert len(page.table_rows) == len(expected)
+    for row, want in zip(page.table_rows, expected, strict=True):
+        want[3] = row[3]  # the action cell holds the readable badge; checked below
+        assert row == want
+    assert [row[3] for row in page.table_rows] == ["skipped", "rolled back", "LR backed off"]
+
+
+def test_header_says_what_happened(run_dir: Path) -> None:
+    page = parse(render_report(run_dir))
+    text = " ".join(page.text)
+    assert "3 events: NaN loss at step 120 (skipped), loss spike at step 300 (rolled back)" in text
+    assert "run ended finite at step 399" in text
+    assert "What to do" in text and "compute attention scores in float32" in text
+    assert "nanguard run train.py --lr 3e-4" in text  # summary.json is shown
+
+
+def test_user_strings_are_escaped_in_html(evil_run_dir: Path, facts) -> None:
+    html_path = render_report(evil_run_dir)
+    raw = html_path.read_text()
+    page = parse(html_path)
+    assert "script" not in page.tags
+    assert "<script>" not in raw and "<b>x</b>" not in raw
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in raw
+    text = "".join(page.text)
+    assert facts["evil_module"] in text and "<b>x</b>" in text  # shown literally, as text
+    assert page.table_rows[0][6] == facts["evil_module"]
+
+
+def test_user_strings_are_escaped_in_markdown(evil_run_dir: Path, facts) -> None:
+    render_report(evil_run_dir)
+    md = (evil_run_dir / "report.md").read_text()
+    assert "<script>" not in md and "<b>x</b>" not in md
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in md
+    assert md_esc("a_b|c*d`e") == r"a\_b\|c\*d\`e"
+
+
+def test_markdown_content(run_dir: Path) -> None:
+    render_report(run_dir)
+    md = (run_dir / "report.md").read_text()
+    assert md.startswith("<!-- nanguard report -->\n# nanguard run report")
+    assert "**3 events: NaN loss at step 120 (skipped)" in md
+    assert "## What to do" in md and "1. compute attention scores in float32" in md
+    assert "| 1 | 120 | nonfinite\\_loss | skip | forward\\_overflow | forward |" in md
+    assert "![Loss and gradient norm against step, events marked](report_files/curves.png)" in md
+    assert "(report_files/event1_modules.png)" in md
+    assert "**Evidence**" in md and "**Fixes**" in md and "## Run summary" in md
+
+
+def test_without_matplotlib_the_report_still_renders(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    html_path = render_report(run_dir)
+    page = parse(html_path)
+    assert page.images == [] and len(page.table_rows) == 3
+    assert "pip install 'nanguard[report]'" in " ".join(page.text)
+    md = (run_dir / "report.md").read_text()
+    assert "pip install 'nanguard\\[report\\]'" in md and "![" not in md
+    assert not (run_dir / "report_files").exists()
+
+
+def test_history_only_and_no_event_runs(make_run, tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "quiet", events=False, summary=False)
+    page = parse(render_report(run_dir))
+    text = " ".join(page.text)
+    assert "No events: every guarded step was finite" in text and page.table_rows == []
+    assert len(page.images) == 2  # curves and LR multiplier, no module charts
+
+
+def test_out_paths_and_formats(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "elsewhere" / "r.html"
+    out.parent.mkdir()
+    assert write_reports(run_dir, out, "both") == [out, out.with_suffix(".md")]
+    assert (out.parent / "r_files" / "curves.png").is_file()
+    assert write_reports(run_dir, tmp_path / "only.md", "md") == [tmp_path / "only.md"]
+    assert write_reports(run_dir, out.parent, "html") == [out.parent / "report.html"]
+    with pytest.raises(UsageError, match="--format 'pdf'"):
+        write_reports(run_dir, None, "pdf")
+
+
+def test_never_overwrites_a_file_that_is_not_a_report(run_dir: Path, tmp_path: Path) -> None:
+    precious = tmp_path / "notes.html"
+    precious.write_text("<p>my notes</p>")
+    with pytest.raises(UsageError, match="not a nanguard report; refusing to overwrite"):
+        write_reports(run_dir, precious, "html")
+    assert precious.read_text() == "<p>my notes</p>"
+    first = render_report(run_dir)
+    assert render_report(run_dir) == first  # its own report is replaced
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_dollar_signs_in_module_names_do_not_break_plots(make_run, tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "d", history=False, summary=False)
+    lines = read_events(run_dir)
+    lines[0]["details"]["module_stats"][0]["module"] = "a$b$_{c}"
+    lines[0]["trigger"] = "nonfinite_$x$"
+    (run_dir / "events.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    page = parse(render_report(run_dir))
+    assert len(page.images) == 2
