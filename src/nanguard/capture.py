@@ -135,6 +135,7 @@ class StepRecorder:
     def __init__(self) -> None:
         self.calls: list[ForwardCall] = []
         self._active: ForwardCall | None = None
+        self._pending: ForwardCall | None = None
 
     # --- hooks, called on the hot path: keep them to a few attribute writes ---------------------
     def on_forward_start(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -144,7 +145,7 @@ class StepRecorder:
         self._pending = ForwardCall(module, args, kwargs, RngState.capture(), _autocast_state())
 
     def on_forward_end(self, module: torch.nn.Module, output: Any) -> None:
-        pending = getattr(self, "_pending", None)
+        pending = self._pending
         if pending is None or pending.module is not module:
             return
         self._pending = None

@@ -46,11 +46,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv[0] if argv and argv[0] in SUBCOMMANDS else None)
-    if argv and argv[0] == "run":
-        # Everything after the script path belongs to the script, flags included.
-        args = _parse_run(parser, argv)
-    else:
-        args = parser.parse_args(argv)
+    # For `run`, everything after the script path belongs to the script, flags included.
+    args = _parse_run(parser, argv) if argv and argv[0] == "run" else parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
@@ -63,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"nanguard {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `nanguard ... | head`: the reader left; that is not an error
+        sys.stderr.close()
+        return 0
 
 
 def _parse_run(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:

@@ -18,6 +18,7 @@ Other optimizers need one small synchronisation per step to decide whether to ca
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -25,7 +26,7 @@ import types
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,8 @@ class Guard:
         self._device_mode: bool | None = None
         # Tests set this to make a CPU run read verdicts back late, exactly as a CUDA run does.
         self._defer_host_verdict = False
+        # True while forensics re-runs a step: its forward and backward are not this step's.
+        self._replaying = False
 
         self.step_count = 0
         self.skipped_total = 0
@@ -201,11 +204,15 @@ class Guard:
         guard = self
 
         def pre_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if guard._replaying:
+                return
             recorder.on_forward_start(module, args, kwargs)
             if torch.is_grad_enabled():
                 guard._watch_batch_scale(module, args, kwargs)
 
         def post_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            if guard._replaying:
+                return
             recorder.on_forward_end(module, output)
 
         self._hook_handles.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True))
@@ -291,6 +298,8 @@ class Guard:
 
     # ------------------------------------------------------------------ observation hooks
     def _on_backward(self, tensor: torch.Tensor, gradient: Any) -> None:
+        if self._replaying:
+            return
         loss: torch.Tensor | None = None
         hit = self._scaled.pop(id(tensor), None)
         if hit is not None and hit[0]() is tensor:
@@ -455,7 +464,7 @@ class Guard:
         return saved
 
     def _restore_lr(self, saved: list[Any]) -> None:
-        for group, lr in zip(self.optimizer.param_groups, saved):
+        for group, lr in zip(self.optimizer.param_groups, saved, strict=False):
             group["lr"] = lr
 
     def _current_lr(self) -> float | None:
@@ -601,7 +610,7 @@ class Guard:
         """Move batch abs-maxima that have reached the host into the per-field history (median-robust)."""
         for item in self.scale_readback.poll(wait=wait):
             names = self._batch_scale_names.pop(item.step, [])
-            for name, value in zip(names, item.values()):
+            for name, value in zip(names, item.values(), strict=False):
                 self.batch_scale_history.setdefault(name, deque(maxlen=64)).append(value)
 
     def _on_scaler_skip(self) -> None:
@@ -770,16 +779,20 @@ class Guard:
         )
         return diagnosis, {}
 
-    def _replay_context(self) -> Any:
-        """Replays must not talk to other ranks: DDP's gradient all-reduce is switched off during them."""
-        import contextlib
-
-        stack = contextlib.ExitStack()
-        for model in self.models:
-            no_sync = getattr(model, "no_sync", None)
-            if callable(no_sync):
-                stack.enter_context(no_sync())
-        return stack
+    @contextlib.contextmanager
+    def _replay_context(self) -> Iterator[None]:
+        """While forensics re-runs a step: no recording, no loss accounting, and no talking to other ranks
+        (DDP's gradient all-reduce is switched off)."""
+        with contextlib.ExitStack() as stack:
+            for model in self.models:
+                no_sync = getattr(model, "no_sync", None)
+                if callable(no_sync):
+                    stack.enter_context(no_sync())
+            self._replaying = True
+            try:
+                yield
+            finally:
+                self._replaying = False
 
     # ------------------------------------------------------------------ actions
     def _take_snapshot(self) -> None:

@@ -53,7 +53,7 @@ class EscalationPolicy:
                 abort=True,
                 reason=f"{self.consecutive_bad} bad steps in a row and {self.rollbacks} rollbacks: nothing more to try",
             )
-        if self._wants_rollback(cause, update_applied) or cfg.on_nonfinite == "rollback" and trigger.startswith("nonfinite"):
+        if self._wants_rollback(cause, update_applied) or (cfg.on_nonfinite == "rollback" and trigger.startswith("nonfinite")):
             if can_rollback:
                 self.rollbacks += 1
                 self._back_off()

@@ -103,7 +103,9 @@ class DeviceReadback:
             event.record()
             self._pending.append(Readback(step, host, event))
         else:
-            self._pending.append(Readback(step, packed.cpu(), None))
+            # A CPU tensor is already on the host (and freshly made by stack); other devices copy here.
+            host = packed if packed.device.type == "cpu" else packed.to("cpu")
+            self._pending.append(Readback(step, host, None))
 
     def release(self, item: Readback) -> None:
         if item.ready_event is not None:

@@ -123,7 +123,7 @@ def restore(
 ) -> None:
     """Copy a snapshot back into the live objects, in place, bit for bit."""
     with torch.no_grad():
-        for model, state in zip(models, snap.models):
+        for model, state in zip(models, snap.models, strict=False):
             live = model.state_dict(keep_vars=True)
             for name, saved in state.items():
                 target = live.get(name)

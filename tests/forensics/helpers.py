@@ -30,7 +30,9 @@ def bad_step(
     except Exception as exc:
         exception = exc
     grads = [p.grad for m in model_list for p in m.parameters() if p.grad is not None]
-    grad_norm = float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))) if grads else None
+    grad_norm = (
+        float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))) if grads else None
+    )
     if trigger is None:
         if loss is not None and not math.isfinite(loss):
             trigger = "nonfinite_loss"

@@ -33,7 +33,9 @@ def test_batch_scale_flags_only_orders_of_magnitude(history: list[float], factor
     if found:
         assert found[0]["ratio"] >= checks.EXTREME_SCALE_RATIO and value > 10 * max(history)
     else:
-        assert ratio < checks.EXTREME_SCALE_RATIO * 1.0001 or value <= 10 * max(history) * 1.0001 or median <= 0
+        assert (
+            ratio < checks.EXTREME_SCALE_RATIO * 1.0001 or value <= 10 * max(history) * 1.0001 or median <= 0
+        )
 
 
 def test_batch_scale_needs_history() -> None:
@@ -46,8 +48,9 @@ def test_parse_exception_recognises_data_faults() -> None:
     except IndexError as exc:
         parsed = checks.parse_exception(exc)
     assert parsed is not None and (parsed["kind"], parsed["value"]) == ("target_out_of_bounds", 3)
-    assert checks.parse_exception(ValueError("Expected more than 1 value per channel when training"))["kind"] == (
-        "batchnorm_single_value")
+    assert checks.parse_exception(ValueError("Expected more than 1 value per channel when training"))[
+        "kind"
+    ] == ("batchnorm_single_value")
     assert checks.parse_exception(RuntimeError("boom"))["kind"] == "other"
     assert checks.parse_exception(None) is None
 

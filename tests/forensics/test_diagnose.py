@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from nanguard.events import CAUSES
 from nanguard.forensics.diagnose import FIXES, Facts, diagnose
 from nanguard.forensics.replay import ReplayOutcome
-from nanguard.events import CAUSES
 
 
 def test_every_cause_has_fixes() -> None:
@@ -25,8 +25,10 @@ def test_data_beats_state_beats_trace() -> None:
 
 
 def test_update_flag_with_nonfinite_gradients_is_not_update_overflow() -> None:
-    facts = Facts(update_made_weights_nonfinite=True,
-                  entry_grads=[{"name": "fc.weight", "nan": 3, "inf": 0, "numel": 4}])
+    facts = Facts(
+        update_made_weights_nonfinite=True,
+        entry_grads=[{"name": "fc.weight", "nan": 3, "inf": 0, "numel": 4}],
+    )
     assert diagnose(facts).cause != "update_overflow"
     facts.entry_grads = []
     assert diagnose(facts).cause == "update_overflow"

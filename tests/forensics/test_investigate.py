@@ -58,7 +58,12 @@ def test_label_equal_to_num_classes_raises_and_is_label_out_of_range() -> None:
     request = bad_step(model, opt, closure, batch)
     assert isinstance(request.exception, IndexError)
     d = diagnosed(request)
-    assert (d.cause, d.phase, d.tensor, d.op) == ("label_out_of_range", "data", "labels", "aten::nll_loss_forward")
+    assert (d.cause, d.phase, d.tensor, d.op) == (
+        "label_out_of_range",
+        "data",
+        "labels",
+        "aten::nll_loss_forward",
+    )
     assert any("[0, 10)" in e and "[10]" in e for e in d.evidence)
 
 
@@ -92,7 +97,12 @@ def test_finite_huge_input_is_input_extreme_scale() -> None:
     x, y = torch.randn(6, 4) * 1e9, torch.randint(0, 10, (6,))
     model, opt, batch, closure = mlp_case(x, y)
     request = bad_step(
-        model, opt, closure, batch, trigger="loss_spike", batch_scale_history={"x": [2.0, 2.4, 1.9, 2.2, 2.1]},
+        model,
+        opt,
+        closure,
+        batch,
+        trigger="loss_spike",
+        batch_scale_history={"x": [2.0, 2.4, 1.9, 2.2, 2.1]},
         loss_history=[2.3] * 30,
     )
     d = diagnosed(request)
@@ -125,7 +135,11 @@ def test_adam_exp_avg_sq_nan_is_optimizer_state_nonfinite() -> None:
     opt.state[model.fc1.weight]["exp_avg_sq"][0, 0] = float("nan")
     d = diagnosed(bad_step(model, opt, closure, batch, trigger="nonfinite_weights"))
     assert (d.cause, d.phase, d.tensor, d.module) == (
-        "optimizer_state_nonfinite", "state", "fc1.weight.exp_avg_sq", "fc1")
+        "optimizer_state_nonfinite",
+        "state",
+        "fc1.weight.exp_avg_sq",
+        "fc1",
+    )
 
 
 def test_fp16_adam_with_tiny_eps_is_update_overflow() -> None:
@@ -133,8 +147,14 @@ def test_fp16_adam_with_tiny_eps_is_update_overflow() -> None:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-8)
     x, y = (torch.randn(5, 4) * 0.01).half(), torch.randint(0, 3, (5,))
     closure = closure_for(model, opt, lambda: F.cross_entropy(model(x).float(), y) * 1e-3)
-    request = bad_step(model, opt, closure, {"x": x, "labels": y}, trigger="nonfinite_weights",
-                       update_made_weights_nonfinite=True)
+    request = bad_step(
+        model,
+        opt,
+        closure,
+        {"x": x, "labels": y},
+        trigger="nonfinite_weights",
+        update_made_weights_nonfinite=True,
+    )
     d = diagnosed(request)
     assert (d.cause, d.phase) == ("update_overflow", "optimizer")
     assert d.tensor is not None and d.tensor.endswith(("weight", "bias"))
@@ -150,7 +170,9 @@ def tiny_lm_case(mask: torch.Tensor, ids: torch.Tensor | None = None):
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def loss() -> torch.Tensor:
-        return F.cross_entropy(model(batch["input_ids"], batch["attention_mask"]).flatten(0, 1), labels.flatten())
+        return F.cross_entropy(
+            model(batch["input_ids"], batch["attention_mask"]).flatten(0, 1), labels.flatten()
+        )
 
     return model, opt, batch, closure_for(model, opt, loss)
 
@@ -161,7 +183,11 @@ def test_all_masked_attention_row_points_at_softmax_in_the_attention_module() ->
     model, opt, batch, closure = tiny_lm_case(mask)
     d = diagnosed(bad_step(model, opt, closure, batch))
     assert (d.cause, d.phase, d.module, d.op) == (
-        "masked_softmax_all_masked", "forward", "blocks.0.attn", "aten::_softmax")
+        "masked_softmax_all_masked",
+        "forward",
+        "blocks.0.attn",
+        "aten::_softmax",
+    )
     assert d.reproducible is True
     assert any("batch rows [2]" in e for e in d.evidence)
     assert any("masked_fill" in e for e in d.evidence), "the -inf origin is named"
@@ -180,7 +206,12 @@ def test_target_logit_masked_to_minus_inf_is_masked_target_logit_in_loss() -> No
     assert request.loss == float("inf")
     assert all(torch.isfinite(p.grad).all() for p in model.parameters()), "grads stay finite"
     d = diagnosed(request)
-    assert (d.cause, d.phase, d.op, d.tensor) == ("masked_target_logit", "loss", "aten::nll_loss_forward", "labels")
+    assert (d.cause, d.phase, d.op, d.tensor) == (
+        "masked_target_logit",
+        "loss",
+        "aten::nll_loss_forward",
+        "labels",
+    )
     assert d.module is None
 
 
@@ -345,8 +376,15 @@ def gru_case(scale: float = 1.0):
 
 def test_grad_spike_is_gradient_explosion_naming_the_largest_gradient() -> None:
     model, batch, closure = gru_case(scale=1e4)
-    request = bad_step(model, None, closure, batch, trigger="grad_spike", grad_norm_history=[1.0] * 20,
-                       spike_stats={"grad_mean": 1.0, "grad_std": 0.1})
+    request = bad_step(
+        model,
+        None,
+        closure,
+        batch,
+        trigger="grad_spike",
+        grad_norm_history=[1.0] * 20,
+        spike_stats={"grad_mean": 1.0, "grad_std": 0.1},
+    )
     d = diagnosed(request)
     assert (d.cause, d.phase) == ("gradient_explosion", "backward")
     assert d.tensor in {name for name, _ in model.named_parameters()}
@@ -354,8 +392,17 @@ def test_grad_spike_is_gradient_explosion_naming_the_largest_gradient() -> None:
 
 def test_loss_spike_with_data_in_range_is_loss_spike() -> None:
     model, batch, closure = gru_case()
-    d = diagnosed(bad_step(model, None, closure, batch, trigger="loss_spike", loss_history=[0.01] * 20,
-                           batch_scale_history={"x": [2.0] * 5, "y": [2.0] * 5}))
+    d = diagnosed(
+        bad_step(
+            model,
+            None,
+            closure,
+            batch,
+            trigger="loss_spike",
+            loss_history=[0.01] * 20,
+            batch_scale_history={"x": [2.0] * 5, "y": [2.0] * 5},
+        )
+    )
     assert (d.cause, d.phase, d.reproducible) == ("loss_spike", "loss", True)
 
 
@@ -364,7 +411,7 @@ def test_divergence_quotes_the_trend_and_lr() -> None:
     history = [0.1 + 0.01 * i for i in range(100)]
     d = diagnosed(bad_step(model, None, closure, batch, trigger="divergence", loss_history=history, lr=0.1))
     assert d.cause == "divergence"
-    assert any("lr 0.1" == e for e in d.evidence)
+    assert any(e == "lr 0.1" for e in d.evidence)
 
 
 @pytest.mark.parametrize("trigger", ["nonfinite_loss", "nonfinite_grad"])

@@ -65,7 +65,9 @@ def test_investigate_leaves_params_grads_buffers_optimizer_and_rng_bitwise_untou
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids, labels = torch.randint(0, 11, (4, 5)), torch.randint(0, 11, (4, 5))
     good = torch.ones(4, 5, dtype=torch.bool)
-    closure = closure_for(model, opt, lambda: F.cross_entropy(model(ids, good).flatten(0, 1), labels.flatten()))
+    closure = closure_for(
+        model, opt, lambda: F.cross_entropy(model(ids, good).flatten(0, 1), labels.flatten())
+    )
     closure()
     opt.step()  # real optimizer state
     bad = closure_for(model, opt, lambda: F.cross_entropy(model(ids, mask).flatten(0, 1), labels.flatten()))
@@ -120,8 +122,13 @@ def test_investigate_never_raises_and_says_what_failed() -> None:
         def named_parameters(self, *args, **kwargs):  # type: ignore[override]
             raise RuntimeError("cannot list parameters")
 
-    request = InvestigationRequest(step=3, trigger="nonfinite_loss", models=[model], optimizer=None,
-                                   capture=StepCapture(rerun=broken, batch={"x": torch.randn(2, 4)}))
+    request = InvestigationRequest(
+        step=3,
+        trigger="nonfinite_loss",
+        models=[model],
+        optimizer=None,
+        capture=StepCapture(rerun=broken, batch={"x": torch.randn(2, 4)}),
+    )
     result = investigate(request)
     assert result.diagnosis.cause == "unknown"
     assert any("user closure exploded" in e for e in result.diagnosis.evidence)

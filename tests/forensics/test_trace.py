@@ -24,7 +24,12 @@ def test_mask_fill_is_an_intended_inf_birth_and_parent_of_the_softmax_nan() -> N
     fill = next(b for b in tracer.births if b.op == "aten::masked_fill")
     assert fill.kind == "inf" and fill.intended and fill.module == "blocks.0.attn"
     nan = next(b for b in tracer.births if b.kind == "nan")
-    assert (nan.op, nan.module, nan.phase, nan.parent) == ("aten::_softmax", "blocks.0.attn", "forward", fill.index)
+    assert (nan.op, nan.module, nan.phase, nan.parent) == (
+        "aten::_softmax",
+        "blocks.0.attn",
+        "forward",
+        fill.index,
+    )
     assert nan.extra["batch_rows_all_masked"] == [1]
     assert tracer.origin_of(loss) is nan
     assert root_of(tracer.births, nan) is nan, "the walk back stops at a deliberate fill"
@@ -136,7 +141,9 @@ def test_tracer_removes_its_hooks() -> None:
     targets=st.lists(st.integers(-3, 8), min_size=1, max_size=8),
     masked_class=st.integers(0, 5),
 )
-def test_class_target_stats_counts_match_a_direct_count(classes: int, targets: list[int], masked_class: int) -> None:
+def test_class_target_stats_counts_match_a_direct_count(
+    classes: int, targets: list[int], masked_class: int
+) -> None:
     logits = torch.randn(len(targets), classes)
     if masked_class < classes:
         logits[:, masked_class] = -math.inf

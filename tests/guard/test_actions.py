@@ -253,5 +253,5 @@ def test_previous_run_files_are_set_aside_not_overwritten(tmp_path):
 
 
 def test_guard_rejects_a_non_optimizer_with_a_clear_error():
-    with pytest.raises(nanguard.NanguardError, match="torch.optim.Optimizer"):
+    with pytest.raises(nanguard.NanguardError, match=r"torch\.optim\.Optimizer"):
         nanguard.Guard(make_mlp(), "adam")  # type: ignore[arg-type]

@@ -103,7 +103,7 @@ def test_loss_spike_after_warmup_is_skipped(tmp_path):
         loss = F.cross_entropy(model(x), y)
         return loss * 1000 if counter[0] == 80 else loss
 
-    guard, events = _run(tmp_path, model, opt, 100, loss_fn=loss_fn)
+    _guard, events = _run(tmp_path, model, opt, 100, loss_fn=loss_fn)
     assert [(e["step"], e["trigger"], e["action"]) for e in events] == [(79, "loss_spike", "skip")]
     assert events[0]["diagnosis"]["cause"] == "loss_spike"
 

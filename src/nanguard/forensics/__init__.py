@@ -19,8 +19,8 @@ import torch
 
 from nanguard.events import Diagnosis
 from nanguard.forensics import checks
-from nanguard.forensics.diagnose import Facts, diagnose
 from nanguard.forensics import replay as replaying
+from nanguard.forensics.diagnose import Facts, diagnose
 from nanguard.forensics.replay import (
     LOW_PRECISION,
     ReplayOutcome,
@@ -66,8 +66,11 @@ def investigate(request: InvestigationRequest) -> Investigation:
     try:
         diagnosis = diagnose(facts)
     except Exception as exc:
-        diagnosis = Diagnosis(cause="unknown", phase="unknown",
-                              evidence=[f"diagnosis failed: {type(exc).__name__}: {exc}"[:300], *facts.failures[:3]])
+        diagnosis = Diagnosis(
+            cause="unknown",
+            phase="unknown",
+            evidence=[f"diagnosis failed: {type(exc).__name__}: {exc}"[:300], *facts.failures[:3]],
+        )
     details["checks"] = _check_table(facts)
     details["failures"] = facts.failures
     details["seconds"] = round(time.perf_counter() - start, 4)
@@ -159,7 +162,9 @@ def _replays(
     if not facts.traced.grads_finite:
         bad = [p for p in state.params if names.get(id(p)) in facts.traced.grad_nonfinite]
         origins = [tracer.origin_of(p.grad) for p in bad]
-        facts.grad_origin = next((o for o in origins if o is not None), None) or tracer.last_origin("backward")
+        facts.grad_origin = next((o for o in origins if o is not None), None) or tracer.last_origin(
+            "backward"
+        )
     facts.traced.loss_tensor = None  # drop the graph
     details["module_stats"] = [s.to_dict() for s in tracer.module_stats.values()]
     details["births"] = [b.to_dict() for b in facts.births]
@@ -173,12 +178,16 @@ def _replays(
         facts.failures += tracer.record_errors[:4]
     facts.tokens = [dict(e, module=e["module"]) for e in tracer.embedding_ops if e["out_of_range"]]
 
-    low = bool(facts.low_precision) or bool(low_precision_tensors(models, batch)) or (
-        capture.autocast_dtype in LOW_PRECISION
+    low = (
+        bool(facts.low_precision)
+        or bool(low_precision_tensors(models, batch))
+        or (capture.autocast_dtype in LOW_PRECISION)
     )
     if low and any(not r.finite for r in runs):
         tensors = low_precision_tensors(models, batch)
-        facts.fp32 = replaying.replay(capture, state, names, label="float32", instruments=lambda: float32_mode(tensors))
+        facts.fp32 = replaying.replay(
+            capture, state, names, label="float32", instruments=lambda: float32_mode(tensors)
+        )
         runs.append(facts.fp32)
         facts.checked.append("float32 counterfactual")
     details["replays"] = [r.to_dict() for r in runs]
@@ -230,7 +239,9 @@ def _label_findings(request: InvestigationRequest, batch: dict[str, Any], facts:
             }
         )
     elif exc["kind"] == "index_out_of_range" and not facts.tokens:
-        facts.tokens = [dict(t, op="aten::embedding") for t in checks.token_problems_static(request.models, batch)]
+        facts.tokens = [
+            dict(t, op="aten::embedding") for t in checks.token_problems_static(request.models, batch)
+        ]
 
 
 def _check_table(facts: Facts) -> list[dict[str, Any]]:

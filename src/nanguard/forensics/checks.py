@@ -37,7 +37,9 @@ def batch_nonfinite(batch: dict[str, Any]) -> list[dict[str, Any]]:
             nan, inf = torch.stack([t.isnan().sum(), t.isinf().sum()]).tolist()
             if nan or inf:
                 rows = _rows_with(~torch.isfinite(t.detach()))
-                found.append({"field": name, "nan": int(nan), "inf": int(inf), "numel": t.numel(), "rows": rows})
+                found.append(
+                    {"field": name, "nan": int(nan), "inf": int(inf), "numel": t.numel(), "rows": rows}
+                )
     return found
 
 
@@ -66,8 +68,13 @@ def batch_scale(
             continue
         if value >= ratio * median and value > 10.0 * highest:
             found.append(
-                {"field": name, "absmax": value, "history_median": median, "history_max": highest,
-                 "ratio": value / median}
+                {
+                    "field": name,
+                    "absmax": value,
+                    "history_median": median,
+                    "history_max": highest,
+                    "ratio": value / median,
+                }
             )
     return found
 
@@ -75,8 +82,14 @@ def batch_scale(
 # ------------------------------------------------------------------------------------- exceptions
 _EXCEPTION_PATTERNS = (
     ("target_out_of_bounds", re.compile(r"Target (-?\d+) is out of bounds")),
-    ("class_out_of_range", re.compile(r"Class values must be smaller than num_classes|Class values must be non-negative")),
-    ("index_out_of_range", re.compile(r"index out of range in self|index (-?\d+) is out of bounds|Index out of range")),
+    (
+        "class_out_of_range",
+        re.compile(r"Class values must be smaller than num_classes|Class values must be non-negative"),
+    ),
+    (
+        "index_out_of_range",
+        re.compile(r"index out of range in self|index (-?\d+) is out of bounds|Index out of range"),
+    ),
     ("batchnorm_single_value", re.compile(r"Expected more than 1 value per channel when training")),
     ("batchnorm_eps", re.compile(r"batch_norm eps must be positive")),
     ("bce_input_range", re.compile(r"all elements of (input|target) should be between 0 and 1")),
@@ -132,12 +145,18 @@ def token_problems_static(models: Sequence[torch.nn.Module], batch: dict[str, An
             if hi >= size or lo < 0:
                 bad = int(((t >= size) | (t < 0)).sum())
                 found.append(
-                    {"field": field_name, "module": module, "num_embeddings": size, "max": hi, "min": lo,
-                     "out_of_range": bad}
+                    {
+                        "field": field_name,
+                        "module": module,
+                        "num_embeddings": size,
+                        "max": hi,
+                        "min": lo,
+                        "out_of_range": bad,
+                    }
                 )
                 break
     # A labels field larger than an embedding table is usually not a token field: keep only likely ids.
-    token_like = [f for f in found if not re.search(r"label|target|^y$", f["field"], re.IGNORECASE)]
+    token_like = [f for f in found if not re.search(r"label|target|^y$", str(f["field"]), re.IGNORECASE)]
     return token_like or found
 
 
@@ -157,7 +176,9 @@ def state_nonfinite(named: Sequence[tuple[str, torch.Tensor]], kind: str) -> lis
         nan, inf = nonfinite_counts(t.detach())
         if nan or inf:
             module = name.rsplit(".", 1)[0] if "." in name else ""
-            found.append({"name": name, "module": module, "kind": kind, "nan": nan, "inf": inf, "numel": t.numel()})
+            found.append(
+                {"name": name, "module": module, "kind": kind, "nan": nan, "inf": inf, "numel": t.numel()}
+            )
     return found
 
 
@@ -176,13 +197,22 @@ def optimizer_state_nonfinite(
                 if nan or inf:
                     module = pname.rsplit(".", 1)[0] if "." in pname else ""
                     found.append(
-                        {"name": f"{pname}.{key}", "param": pname, "key": key, "module": module, "nan": nan,
-                         "inf": inf, "numel": value.numel()}
+                        {
+                            "name": f"{pname}.{key}",
+                            "param": pname,
+                            "key": key,
+                            "module": module,
+                            "nan": nan,
+                            "inf": inf,
+                            "numel": value.numel(),
+                        }
                     )
     return found
 
 
-def grads_nonfinite(pairs: Sequence[tuple[torch.Tensor, torch.Tensor | None]], names: dict[int, str]) -> list[dict[str, Any]]:
+def grads_nonfinite(
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor | None]], names: dict[int, str]
+) -> list[dict[str, Any]]:
     found = []
     for p, g in pairs:
         if g is None:
@@ -208,9 +238,7 @@ def eps_underflow(optimizer: torch.optim.Optimizer | None) -> list[dict[str, Any
     return found
 
 
-def simulate_update(
-    optimizer: torch.optim.Optimizer | None, names: dict[int, str]
-) -> dict[str, Any] | None:
+def simulate_update(optimizer: torch.optim.Optimizer | None, names: dict[int, str]) -> dict[str, Any] | None:
     """One optimizer step on copies of the parameters with the gradients now in ``.grad``.
 
     Returns which parameters the update would make non-finite, or None when it cannot be simulated.
@@ -228,15 +256,19 @@ def simulate_update(
             c.grad = p.grad.detach().clone()
         copies[id(p)] = c
     groups = [
-        {**{k: copy.deepcopy(v) for k, v in g.items() if k != "params"}, "params": [copies[id(p)] for p in g["params"]]}
+        {
+            **{k: copy.deepcopy(v) for k, v in g.items() if k != "params"},
+            "params": [copies[id(p)] for p in g["params"]],
+        }
         for g in optimizer.param_groups
     ]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        factory: Any = type(optimizer)
         try:
-            sim = type(optimizer)(groups, **optimizer.defaults)
+            sim = factory(groups, **optimizer.defaults)
         except TypeError:
-            sim = type(optimizer)(groups)
+            sim = factory(groups)
         sim.load_state_dict(copy.deepcopy(optimizer.state_dict()))
         with torch.no_grad():
             sim.step()
@@ -246,8 +278,14 @@ def simulate_update(
         before = nonfinite_counts(p.detach())
         after = nonfinite_counts(c.detach())
         if (after[0] or after[1]) and not (before[0] or before[1]):
-            became.append({"name": names.get(id(p), "?"), "nan": after[0], "inf": after[1], "dtype":
-                           str(p.dtype).replace("torch.", "")})
+            became.append(
+                {
+                    "name": names.get(id(p), "?"),
+                    "nan": after[0],
+                    "inf": after[1],
+                    "dtype": str(p.dtype).replace("torch.", ""),
+                }
+            )
     return {"optimizer": type(optimizer).__name__, "became_nonfinite": became}
 
 

@@ -30,12 +30,87 @@ from nanguard.forensics.trace import SOFTMAX_OPS, Birth, root_of
 # Ops whose result is undefined or infinite outside their domain (log 0, x/0, sqrt(-1), acos(2) ...).
 DOMAIN_OPS = frozenset(
     "aten::" + n
-    for n in ["log", "log2", "log10", "log1p", "xlogy", "sqrt", "rsqrt", "div", "div_", "reciprocal", "pow", "float_power", "acos", "asin", "atanh", "acosh", "lgamma", "digamma", "polygamma", "mvlgamma", "erfinv", "logit", "fmod", "remainder", "atan2", "var", "std", "var_mean", "std_mean", "special_xlog1py", "special_entr", "special_ndtri", "_log_softmax", "logsumexp", "linalg_inv", "linalg_cholesky", "cholesky", "inverse", "linalg_solve"]
+    for n in [
+        "log",
+        "log2",
+        "log10",
+        "log1p",
+        "xlogy",
+        "sqrt",
+        "rsqrt",
+        "div",
+        "div_",
+        "reciprocal",
+        "pow",
+        "float_power",
+        "acos",
+        "asin",
+        "atanh",
+        "acosh",
+        "lgamma",
+        "digamma",
+        "polygamma",
+        "mvlgamma",
+        "erfinv",
+        "logit",
+        "fmod",
+        "remainder",
+        "atan2",
+        "var",
+        "std",
+        "var_mean",
+        "std_mean",
+        "special_xlog1py",
+        "special_entr",
+        "special_ndtri",
+        "_log_softmax",
+        "logsumexp",
+        "linalg_inv",
+        "linalg_cholesky",
+        "cholesky",
+        "inverse",
+        "linalg_solve",
+    ]
 )
 # Forward ops whose derivative blows up at the edge of their domain while the value stays finite.
 SINGULAR_BACKWARD_OPS = frozenset(
     "aten::" + n
-    for n in ["sqrt", "rsqrt", "linalg_vector_norm", "norm", "frobenius_norm", "linalg_norm", "pow", "float_power", "where", "acos", "asin", "atanh", "acosh", "div", "reciprocal", "log", "log2", "log10", "log1p", "std", "var", "std_mean", "var_mean", "cdist", "_cdist_forward", "_pdist_forward", "atan2", "hypot", "erfinv", "renorm", "_weight_norm_interface", "prod", "cumprod", "abs"]
+    for n in [
+        "sqrt",
+        "rsqrt",
+        "linalg_vector_norm",
+        "norm",
+        "frobenius_norm",
+        "linalg_norm",
+        "pow",
+        "float_power",
+        "where",
+        "acos",
+        "asin",
+        "atanh",
+        "acosh",
+        "div",
+        "reciprocal",
+        "log",
+        "log2",
+        "log10",
+        "log1p",
+        "std",
+        "var",
+        "std_mean",
+        "var_mean",
+        "cdist",
+        "_cdist_forward",
+        "_pdist_forward",
+        "atan2",
+        "hypot",
+        "erfinv",
+        "renorm",
+        "_weight_norm_interface",
+        "prod",
+        "cumprod",
+        "abs",
+    ]
 )
 LOW_PRECISION = ("float16", "bfloat16")
 DTYPE_MAX = {"float16": 65504.0, "bfloat16": 3.3895e38, "float32": 3.4028e38, "float64": 1.797e308}
@@ -108,8 +183,10 @@ class Facts:
 
     @property
     def replay(self) -> ReplayOutcome | None:
-        """The most informative replay in the step's own precision: traced if it ran, else plain."""
-        return self.traced if self.traced is not None and self.traced.error is None else (self.traced or self.plain)
+        """The most informative replay in the step's own precision: traced if it ran cleanly, else plain."""
+        if self.traced is not None and self.traced.error is None:
+            return self.traced
+        return self.plain if self.plain is not None else self.traced
 
     @property
     def reproduced(self) -> bool | None:
@@ -135,6 +212,11 @@ FIXES: dict[str, list[str]] = {
         "Fix the label mapping so every target of `{tensor}` is in [0, {classes}) or equals ignore_index.",
         "If the model head is too small, set its number of classes to at least max(label)+1 = {needed}.",
         "Validate targets in the Dataset (`assert 0 <= y < num_classes`) instead of clamping them silently.",
+    ],
+    "label_out_of_range:tokens": [
+        "Token ids in `{tensor}` must be < num_embeddings = {classes} of {module}: resize the embedding "
+        "(e.g. `model.resize_token_embeddings(len(tokenizer))`) or fix the tokenizer/vocabulary mismatch.",
+        "Check special tokens added after the model was built, and the padding id used by the collate function.",
     ],
     "input_extreme_scale": [
         "Normalise batch field `{tensor}` like the rest of the data (its abs-max is {ratio}x the usual).",
@@ -256,8 +338,15 @@ class _Defaults(dict):
         return "?"
 
 
-def _make(cause: str, phase: str, *, confidence: float, evidence: list[str], fix: dict[str, Any] | None = None,
-          **where: Any) -> Diagnosis:
+def _make(
+    cause: str,
+    phase: str,
+    *,
+    confidence: float,
+    evidence: list[str],
+    fix: dict[str, Any] | None = None,
+    **where: Any,
+) -> Diagnosis:
     context = {k: v for k, v in where.items() if v is not None}
     context.update(fix or {})
     context["module"] = _mod(where.get("module"))
@@ -288,12 +377,21 @@ def _rule_input_nonfinite(f: Facts) -> Diagnosis | None:
         f"batch field `{b['field']}`: {b['nan']} NaN, {b['inf']} Inf of {b['numel']} values (rows {b['rows']})"
         for b in f.batch_nonfinite[:4]
     ]
-    used = next((b for b in f.births if b.phase == "input" and b.source == f"batch field {first['field']}"), None)
+    used = next(
+        (b for b in f.births if b.phase == "input" and b.source == f"batch field {first['field']}"), None
+    )
     if used is not None and used.extra.get("first_used_by"):
         evidence.append(f"first used by {used.extra['first_used_by']} in {_mod(used.module)}")
-    return _make("input_nonfinite", "data", confidence=0.97, evidence=evidence, tensor=first["field"],
-                 module=used.module if used is not None else None, reproducible=f.reproduced,
-                 fix={"rows": first["rows"]})
+    return _make(
+        "input_nonfinite",
+        "data",
+        confidence=0.97,
+        evidence=evidence,
+        tensor=first["field"],
+        module=used.module if used is not None else None,
+        reproducible=f.reproduced,
+        fix={"rows": first["rows"]},
+    )
 
 
 def _rule_label_out_of_range(f: Facts) -> Diagnosis | None:
@@ -302,9 +400,17 @@ def _rule_label_out_of_range(f: Facts) -> Diagnosis | None:
         evidence = [lab["evidence"] for lab in f.labels[:4]]
         if f.exception is not None and f.exception["kind"] in ("target_out_of_bounds", "class_out_of_range"):
             evidence.append(f"the step raised {f.exception['text']}")
-        return _make("label_out_of_range", "data", confidence=0.95, evidence=evidence, tensor=first.get("field"),
-                     module=first.get("module"), op=first.get("op"), reproducible=True,
-                     fix={"classes": first.get("num_classes"), "needed": first.get("needed")})
+        return _make(
+            "label_out_of_range",
+            "data",
+            confidence=0.95,
+            evidence=evidence,
+            tensor=first.get("field"),
+            module=first.get("module"),
+            op=first.get("op"),
+            reproducible=True,
+            fix={"classes": first.get("num_classes"), "needed": first.get("needed")},
+        )
     if f.tokens:
         first = f.tokens[0]
         evidence = [
@@ -314,9 +420,23 @@ def _rule_label_out_of_range(f: Facts) -> Diagnosis | None:
         ]
         if f.exception is not None:
             evidence.append(f"the step raised {f.exception['text']}")
-        return _make("label_out_of_range", "data", confidence=0.9, evidence=evidence, tensor=first.get("field"),
-                     module=first.get("module"), op=first.get("op"), reproducible=True,
-                     fix={"classes": first["num_embeddings"], "needed": first["max"] + 1})
+        diagnosis = _make(
+            "label_out_of_range",
+            "data",
+            confidence=0.9,
+            evidence=evidence,
+            tensor=first.get("field"),
+            module=first.get("module"),
+            op=first.get("op"),
+            reproducible=True,
+        )
+        diagnosis.fixes = fixes_for(
+            "label_out_of_range:tokens",
+            tensor=first.get("field") or "?",
+            classes=first["num_embeddings"],
+            module=_mod(first.get("module")),
+        )
+        return diagnosis
     return None
 
 
@@ -331,8 +451,15 @@ def _rule_extreme_scale(f: Facts) -> Diagnosis | None:
     ]
     if f.loss is not None:
         evidence.append(f"loss {fmt(f.loss)}")
-    return _make("input_extreme_scale", "data", confidence=0.85, evidence=evidence, tensor=first["field"],
-                 reproducible=f.reproduced, fix={"ratio": fmt(first["ratio"])})
+    return _make(
+        "input_extreme_scale",
+        "data",
+        confidence=0.85,
+        evidence=evidence,
+        tensor=first["field"],
+        reproducible=f.reproduced,
+        fix={"ratio": fmt(first["ratio"])},
+    )
 
 
 def _rule_update_flag(f: Facts) -> Diagnosis | None:
@@ -341,26 +468,38 @@ def _rule_update_flag(f: Facts) -> Diagnosis | None:
     replay = f.replay
     if f.entry_grads or (replay is not None and not replay.grads_finite):
         return None  # non-finite gradients explain non-finite weights better than the update does
-    return _update_overflow(f, "the guard saw finite weights and gradients before the update and "
-                               "non-finite weights after it")
+    return _update_overflow(
+        f, "the guard saw finite weights and gradients before the update and non-finite weights after it"
+    )
 
 
 def _update_overflow(f: Facts, why: str) -> Diagnosis:
     evidence = [why]
     became = (f.update_sim or {}).get("became_nonfinite", [])
     for b in became[:3]:
-        evidence.append(f"simulated {f.update_sim['optimizer']} step: `{b['name']}` ({b['dtype']}) -> "  # type: ignore[index]
-                        f"{b['nan']} NaN, {b['inf']} Inf")
+        evidence.append(
+            f"simulated {f.update_sim['optimizer']} step: `{b['name']}` ({b['dtype']}) -> "  # type: ignore[index]
+            f"{b['nan']} NaN, {b['inf']} Inf"
+        )
     for e in f.eps_underflow[:2]:
         evidence.append(f"param group {e['group']}: eps={fmt(e['eps'])} rounds to 0 in {e['dtype']}")
     if f.lr is not None:
         evidence.append(f"lr {fmt(f.lr)}")
     tensor = became[0]["name"] if became else (f.weights[0]["name"] if f.weights else None)
-    dtype = became[0]["dtype"] if became else (f.eps_underflow[0]["dtype"] if f.eps_underflow else "the dtype")
+    dtype = (
+        became[0]["dtype"] if became else (f.eps_underflow[0]["dtype"] if f.eps_underflow else "the dtype")
+    )
     module = tensor.rsplit(".", 1)[0] if tensor and "." in tensor else None
-    return _make("update_overflow", "optimizer", confidence=0.9 if became or f.update_made_weights_nonfinite else 0.6,
-                 evidence=evidence, tensor=tensor, module=module, op="optimizer.step", reproducible=True,
-                 fix={"dtype": dtype})
+    return _make(
+        "update_overflow",
+        "optimizer",
+        confidence=0.9 if became or f.update_made_weights_nonfinite else 0.6,
+        evidence=evidence,
+        tensor=tensor,
+        module=module,
+        reproducible=True,
+        fix={"dtype": dtype},
+    )
 
 
 def _rule_weights(f: Facts) -> Diagnosis | None:
@@ -374,19 +513,35 @@ def _rule_weights(f: Facts) -> Diagnosis | None:
         evidence.append(f"... {len(f.weights)} tensors in all")
     if not f.state_is_pre_step:
         evidence.append("state is after the step's update: the update may have written them")
-    return _make("weights_nonfinite", "state", confidence=0.95 if f.state_is_pre_step else 0.6, evidence=evidence,
-                 tensor=first["name"], module=first["module"], reproducible=True)
+    return _make(
+        "weights_nonfinite",
+        "state",
+        confidence=0.95 if f.state_is_pre_step else 0.6,
+        evidence=evidence,
+        tensor=first["name"],
+        module=first["module"],
+        reproducible=True,
+    )
 
 
 def _rule_optimizer_state(f: Facts) -> Diagnosis | None:
     if not f.optimizer_state:
         return None
     first = f.optimizer_state[0]
-    evidence = [f"optimizer state `{o['name']}`: {o['nan']} NaN, {o['inf']} Inf of {o['numel']}"
-                for o in f.optimizer_state[:4]]
+    evidence = [
+        f"optimizer state `{o['name']}`: {o['nan']} NaN, {o['inf']} Inf of {o['numel']}"
+        for o in f.optimizer_state[:4]
+    ]
     evidence.append("parameters are finite; the next update would write these into the weights")
-    return _make("optimizer_state_nonfinite", "state", confidence=0.93, evidence=evidence, tensor=first["name"],
-                 module=first["module"], reproducible=True)
+    return _make(
+        "optimizer_state_nonfinite",
+        "state",
+        confidence=0.93,
+        evidence=evidence,
+        tensor=first["name"],
+        module=first["module"],
+        reproducible=True,
+    )
 
 
 def _rule_exception(f: Facts) -> Diagnosis | None:
@@ -399,20 +554,44 @@ def _rule_exception(f: Facts) -> Diagnosis | None:
         stack = ctx.get("module_stack") or []
         module = next((m for m in reversed(stack) if m in f.batchnorm_training), None)
         module = module if module is not None else (f.batchnorm_training[0] if f.batchnorm_training else None)
-        return _make("batchnorm_degenerate", "forward", confidence=0.95,
-                     evidence=[f"the step raised {exc['text']}", "BatchNorm in train mode needs >= 2 values per channel"],
-                     module=module, op="aten::batch_norm", reproducible=True, fix={"per_channel": 1})
+        return _make(
+            "batchnorm_degenerate",
+            "forward",
+            confidence=0.95,
+            evidence=[
+                f"the step raised {exc['text']}",
+                "BatchNorm in train mode needs >= 2 values per channel",
+            ],
+            module=module,
+            op="aten::batch_norm",
+            reproducible=True,
+            fix={"per_channel": 1},
+        )
     if exc["kind"] == "batchnorm_eps":
-        return _make("batchnorm_degenerate", "forward", confidence=0.85,
-                     evidence=[f"the step raised {exc['text']}", "eps = 0 divides by a zero batch variance"],
-                     module=f.batchnorm_training[0] if f.batchnorm_training else None, op="aten::batch_norm",
-                     reproducible=True, fix={"per_channel": "?"})
+        return _make(
+            "batchnorm_degenerate",
+            "forward",
+            confidence=0.85,
+            evidence=[f"the step raised {exc['text']}", "eps = 0 divides by a zero batch variance"],
+            module=f.batchnorm_training[0] if f.batchnorm_training else None,
+            op="aten::batch_norm",
+            reproducible=True,
+            fix={"per_channel": "?"},
+        )
     if exc["kind"] == "bce_input_range":
-        return _make("invalid_math_domain", "loss", confidence=0.8,
-                     evidence=[f"the step raised {exc['text']}",
-                               "binary_cross_entropy needs probabilities in [0, 1]: use BCEWithLogitsLoss on logits"],
-                     op="aten::binary_cross_entropy", module=ctx.get("module"), reproducible=True,
-                     fix={"domain_fix": "pass logits to `F.binary_cross_entropy_with_logits` instead."})
+        return _make(
+            "invalid_math_domain",
+            "loss",
+            confidence=0.8,
+            evidence=[
+                f"the step raised {exc['text']}",
+                "binary_cross_entropy needs probabilities in [0, 1]: use BCEWithLogitsLoss on logits",
+            ],
+            op="aten::binary_cross_entropy",
+            module=ctx.get("module"),
+            reproducible=True,
+            fix={"domain_fix": "pass logits to `F.binary_cross_entropy_with_logits` instead."},
+        )
     return None
 
 
@@ -432,18 +611,38 @@ def _rule_masked_target(f: Facts) -> Diagnosis | None:
         "gradients finite" if replay.grads_finite else f"{len(replay.grad_nonfinite)} gradient(s) non-finite",
     ]
     if f.loss_origin is not None and f.loss_origin.intended:
-        evidence.append(f"the -inf came from {f.loss_origin.where()} (value {f.loss_origin.scalars.get('value', '-inf')})")
+        evidence.append(
+            f"the -inf came from {f.loss_origin.where()} (value {f.loss_origin.scalars.get('value', '-inf')})"
+        )
     beyond = record.get("targets_beyond_valid_prefix") or []
     if beyond and len(beyond) == min(record["masked_targets"], 16):
         b = beyond[0]
-        evidence.insert(0, f"label {b['target']} >= {b['valid_classes']} valid (unmasked) classes of batch row "
-                           f"{b['row']}: the label is outside its dataset's class range")
-        return _make("label_out_of_range", "data", confidence=0.8, evidence=evidence, tensor=record.get("field"),
-                     op=record["op"], module=record.get("module"), reproducible=True,
-                     fix={"classes": b["valid_classes"], "needed": b["target"] + 1})
-    return _make("masked_target_logit", "loss", confidence=0.92, evidence=evidence,
-                 tensor=record.get("field") or "target", op=record["op"], module=record.get("module"),
-                 reproducible=True)
+        evidence.insert(
+            0,
+            f"label {b['target']} >= {b['valid_classes']} valid (unmasked) classes of batch row "
+            f"{b['row']}: the label is outside its dataset's class range",
+        )
+        return _make(
+            "label_out_of_range",
+            "data",
+            confidence=0.8,
+            evidence=evidence,
+            tensor=record.get("field"),
+            op=record["op"],
+            module=record.get("module"),
+            reproducible=True,
+            fix={"classes": b["valid_classes"], "needed": b["target"] + 1},
+        )
+    return _make(
+        "masked_target_logit",
+        "loss",
+        confidence=0.92,
+        evidence=evidence,
+        tensor=record.get("field") or "target",
+        op=record["op"],
+        module=record.get("module"),
+        reproducible=True,
+    )
 
 
 def _culprit(f: Facts) -> Birth | None:
@@ -468,7 +667,10 @@ def _rule_from_trace(f: Facts) -> Diagnosis | None:
     evidence = [_birth_line(birth)]
     parent = f.births[birth.parent] if birth.parent is not None and birth.parent < len(f.births) else None
     if parent is not None:
-        evidence.append(f"its inputs' inf came from {parent.where()}" + (" (a deliberate mask fill)" if parent.intended else ""))
+        evidence.append(
+            f"its inputs' inf came from {parent.where()}"
+            + (" (a deliberate mask fill)" if parent.intended else "")
+        )
     evidence.append(_outcome_line(replay))
     if f.fp32 is not None:
         evidence.append(f"float32 replay: {_outcome_line(f.fp32)}")
@@ -477,71 +679,165 @@ def _rule_from_trace(f: Facts) -> Diagnosis | None:
     if birth.phase == "input":
         source = birth.source or ""
         if source.startswith("parameter ") or source.startswith("buffer "):
-            return _make("weights_nonfinite", "state", confidence=0.9, evidence=evidence,
-                         tensor=source.split(" ", 1)[1], module=birth.module, reproducible=True)
+            return _make(
+                "weights_nonfinite",
+                "state",
+                confidence=0.9,
+                evidence=evidence,
+                tensor=source.split(" ", 1)[1],
+                module=birth.module,
+                reproducible=True,
+            )
         if source.startswith("batch field "):
-            return _make("input_nonfinite", "data", confidence=0.9, evidence=evidence,
-                         tensor=source.split(" ", 2)[2], module=birth.module, reproducible=True)
+            return _make(
+                "input_nonfinite",
+                "data",
+                confidence=0.9,
+                evidence=evidence,
+                tensor=source.split(" ", 2)[2],
+                module=birth.module,
+                reproducible=True,
+            )
     op = birth.op or ""
     if op in SOFTMAX_OPS or "scaled_dot_product" in op:
         rows = birth.extra.get("rows_all_masked", 0)
         if rows and (parent is None or parent.intended or parent.phase == "input"):
-            evidence.insert(1, f"{rows} row(s) had every score = -inf (batch rows "
-                               f"{birth.extra.get('batch_rows_all_masked')})")
-            return _make("masked_softmax_all_masked", birth.phase, confidence=0.95, evidence=evidence, op=op,
-                         module=birth.module, tensor="scores", reproducible=rep,
-                         fix={"rows": birth.extra.get("batch_rows_all_masked")})
+            evidence.insert(
+                1,
+                f"{rows} row(s) had every score = -inf (batch rows "
+                f"{birth.extra.get('batch_rows_all_masked')})",
+            )
+            return _make(
+                "masked_softmax_all_masked",
+                birth.phase,
+                confidence=0.95,
+                evidence=evidence,
+                op=op,
+                module=birth.module,
+                tensor="scores",
+                reproducible=rep,
+                fix={"rows": birth.extra.get("batch_rows_all_masked")},
+            )
     bn = _batchnorm_evidence(birth)
     if bn is not None:
         evidence.insert(1, bn["line"])
-        return _make("batchnorm_degenerate", birth.phase, confidence=0.9, evidence=evidence,
-                     op=birth.forward_op if birth.phase == "backward" else op, module=birth.module,
-                     reproducible=rep, fix={"per_channel": bn["per_channel"]})
+        return _make(
+            "batchnorm_degenerate",
+            birth.phase,
+            confidence=0.9,
+            evidence=evidence,
+            op=birth.forward_op if birth.phase == "backward" else op,
+            module=birth.module,
+            reproducible=rep,
+            fix={"per_channel": bn["per_channel"]},
+        )
     if birth.phase == "backward":
         return _backward_cause(f, birth, evidence, fp32_finite, low)
     if replay.loss is not None and replay.loss_finite:
         return _absorbed(f, birth)
     # forward / loss
     if low and fp32_finite:
-        return _make("forward_overflow", birth.phase, confidence=0.93, evidence=evidence, op=op, module=birth.module,
-                     reproducible=rep, fix={"dtype": birth.dtype, "dtype_max": fmt(DTYPE_MAX.get(birth.dtype or "", 0))})
+        return _make(
+            "forward_overflow",
+            birth.phase,
+            confidence=0.93,
+            evidence=evidence,
+            op=op,
+            module=birth.module,
+            reproducible=rep,
+            fix={"dtype": birth.dtype, "dtype_max": fmt(DTYPE_MAX.get(birth.dtype or "", 0))},
+        )
     if _is_domain(birth):
-        return _make("invalid_math_domain", birth.phase, confidence=0.92, evidence=evidence, op=op,
-                     module=birth.module, reproducible=rep, fix={"domain_fix": _domain_fix(birth)})
+        return _make(
+            "invalid_math_domain",
+            birth.phase,
+            confidence=0.92,
+            evidence=evidence,
+            op=op,
+            module=birth.module,
+            reproducible=rep,
+            fix={"domain_fix": _domain_fix(birth)},
+        )
     if _overflow_like(birth):
         if low and f.fp32 is not None and not f.fp32.finite:
             evidence.append("overflows in float32 too: the values themselves are too large")
-        return _make("forward_overflow", birth.phase, confidence=0.7 if not low else 0.8, evidence=evidence, op=op,
-                     module=birth.module, reproducible=rep,
-                     fix={"dtype": birth.dtype, "dtype_max": fmt(DTYPE_MAX.get(birth.dtype or "", 0))})
+        return _make(
+            "forward_overflow",
+            birth.phase,
+            confidence=0.7 if not low else 0.8,
+            evidence=evidence,
+            op=op,
+            module=birth.module,
+            reproducible=rep,
+            fix={"dtype": birth.dtype, "dtype_max": fmt(DTYPE_MAX.get(birth.dtype or "", 0))},
+        )
     if parent is not None and parent.intended:
         evidence.append("a -inf mask value reached arithmetic (e.g. -inf * 0 or -inf + inf)")
-    return _make("invalid_math_domain", birth.phase, confidence=0.6, evidence=evidence, op=op, module=birth.module,
-                 reproducible=rep, fix={"domain_fix": _domain_fix(birth)})
+    return _make(
+        "invalid_math_domain",
+        birth.phase,
+        confidence=0.6,
+        evidence=evidence,
+        op=op,
+        module=birth.module,
+        reproducible=rep,
+        fix={"domain_fix": _domain_fix(birth)},
+    )
 
 
 def _backward_cause(f: Facts, birth: Birth, evidence: list[str], fp32_finite: bool, low: bool) -> Diagnosis:
     fwd = birth.forward_op
     rep = f.reproduced
-    evidence.insert(1, f"forward of {fwd or '?'} in {_mod(birth.module)} was finite; its backward "
-                       f"({birth.backward_node}) made the {birth.kind}")
+    evidence.insert(
+        1,
+        f"forward of {fwd or '?'} in {_mod(birth.module)} was finite; its backward "
+        f"({birth.backward_node}) made the {birth.kind}",
+    )
     if low and fp32_finite:
-        return _make("backward_overflow", "backward", confidence=0.9, evidence=evidence, op=fwd or birth.op,
-                     module=birth.module, reproducible=rep)
+        return _make(
+            "backward_overflow",
+            "backward",
+            confidence=0.9,
+            evidence=evidence,
+            op=fwd or birth.op,
+            module=birth.module,
+            reproducible=rep,
+        )
     singular = (fwd in SINGULAR_BACKWARD_OPS) or _has_zero_divisor(birth)
     if singular and not _overflow_like(birth):
-        return _make("backward_singularity", "backward", confidence=0.9, evidence=evidence, op=fwd or birth.op,
-                     module=birth.module, reproducible=rep,
-                     fix={"singular_fix": SINGULAR_FIXES.get(fwd or "", "add an eps or clamp the input.")})
+        return _make(
+            "backward_singularity",
+            "backward",
+            confidence=0.9,
+            evidence=evidence,
+            op=fwd or birth.op,
+            module=birth.module,
+            reproducible=rep,
+            fix={"singular_fix": SINGULAR_FIXES.get(fwd or "", "add an eps or clamp the input.")},
+        )
     if _overflow_like(birth):
         top = _top_grad(f)
         if top:
             evidence.append(top)
-        return _make("gradient_explosion", "backward", confidence=0.75, evidence=evidence, op=fwd or birth.op,
-                     module=birth.module, reproducible=rep)
-    return _make("backward_singularity", "backward", confidence=0.6, evidence=evidence, op=fwd or birth.op,
-                 module=birth.module, reproducible=rep,
-                 fix={"singular_fix": SINGULAR_FIXES.get(fwd or "", "add an eps or clamp the input.")})
+        return _make(
+            "gradient_explosion",
+            "backward",
+            confidence=0.75,
+            evidence=evidence,
+            op=fwd or birth.op,
+            module=birth.module,
+            reproducible=rep,
+        )
+    return _make(
+        "backward_singularity",
+        "backward",
+        confidence=0.6,
+        evidence=evidence,
+        op=fwd or birth.op,
+        module=birth.module,
+        reproducible=rep,
+        fix={"singular_fix": SINGULAR_FIXES.get(fwd or "", "add an eps or clamp the input.")},
+    )
 
 
 def _rule_absorbed_forward_nan(f: Facts) -> Diagnosis | None:
@@ -564,10 +860,19 @@ def _absorbed(f: Facts, absorbed: Birth) -> Diagnosis:
         "its backward multiplies it into the gradient",
         _outcome_line(replay),
     ]
-    return _make("backward_singularity", "backward", confidence=0.85, evidence=evidence, op=absorbed.op,
-                 module=absorbed.module, reproducible=f.reproduced,
-                 fix={"singular_fix": "its forward value was NaN/inf where torch.where (or a mask) discarded it; "
-                      + SINGULAR_FIXES.get(absorbed.op or "", "clamp its input so both branches are finite.")})
+    return _make(
+        "backward_singularity",
+        "backward",
+        confidence=0.85,
+        evidence=evidence,
+        op=absorbed.op,
+        module=absorbed.module,
+        reproducible=f.reproduced,
+        fix={
+            "singular_fix": "its forward value was NaN/inf where torch.where (or a mask) discarded it; "
+            + SINGULAR_FIXES.get(absorbed.op or "", "clamp its input so both branches are finite.")
+        },
+    )
 
 
 def _rule_nondeterministic(f: Facts) -> Diagnosis | None:
@@ -581,13 +886,25 @@ def _rule_nondeterministic(f: Facts) -> Diagnosis | None:
         *[f"{r.label} replay from identical state, batch and RNG: {_outcome_line(r)}" for r in runs],
     ]
     if f.entry_grads:
-        evidence.append(f"the step's own gradients were non-finite in {len(f.entry_grads)} tensor(s), "
-                        f"e.g. `{f.entry_grads[0]['name']}`")
+        evidence.append(
+            f"the step's own gradients were non-finite in {len(f.entry_grads)} tensor(s), "
+            f"e.g. `{f.entry_grads[0]['name']}`"
+        )
     if not f.state_is_pre_step:
         evidence.append("state was not exactly the pre-step state: lower confidence")
-    module = f.entry_grads[0]["name"].rsplit(".", 1)[0] if f.entry_grads and "." in f.entry_grads[0]["name"] else None
-    return _make("nondeterministic", "unknown", confidence=0.8 if f.state_is_pre_step else 0.5, evidence=evidence,
-                 reproducible=False, module=module)
+    module = (
+        f.entry_grads[0]["name"].rsplit(".", 1)[0]
+        if f.entry_grads and "." in f.entry_grads[0]["name"]
+        else None
+    )
+    return _make(
+        "nondeterministic",
+        "unknown",
+        confidence=0.8 if f.state_is_pre_step else 0.5,
+        evidence=evidence,
+        reproducible=False,
+        module=module,
+    )
 
 
 def _rule_update_sim(f: Facts) -> Diagnosis | None:
@@ -595,39 +912,80 @@ def _rule_update_sim(f: Facts) -> Diagnosis | None:
     replay = f.replay
     if not became or replay is None or not replay.finite:
         return None
-    return _update_overflow(f, f"gradients and loss finite ({_outcome_line(replay)}), "
-                               "yet one optimizer step makes weights non-finite")
+    return _update_overflow(
+        f,
+        f"gradients and loss finite ({_outcome_line(replay)}), "
+        "yet one optimizer step makes weights non-finite",
+    )
 
 
 def _rule_spikes(f: Facts) -> Diagnosis | None:
     replay = f.replay
-    if f.trigger == "grad_spike" or (f.grad_spike and f.grad_spike["ratio"] > 10 and f.trigger != "loss_spike"):
+    if f.trigger == "grad_spike" or (
+        f.grad_spike and f.grad_spike["ratio"] > 10 and f.trigger != "loss_spike"
+    ):
         s = f.grad_spike or {}
-        evidence = [f"grad norm {fmt(f.grad_norm)} vs running mean {fmt(s.get('mean'))} "
-                    f"({fmt(s.get('ratio'))}x, z={fmt(s.get('z'))})"] if s else [f"grad norm {fmt(f.grad_norm)}"]
+        evidence = (
+            [
+                f"grad norm {fmt(f.grad_norm)} vs running mean {fmt(s.get('mean'))} "
+                f"({fmt(s.get('ratio'))}x, z={fmt(s.get('z'))})"
+            ]
+            if s
+            else [f"grad norm {fmt(f.grad_norm)}"]
+        )
         top = _top_grad(f)
         if top:
             evidence.append(top)
         evidence.append("batch values finite and in their usual range")
         name = _top_grad_name(f)
         module = name.rsplit(".", 1)[0] if name and "." in name else None
-        return _make("gradient_explosion", "backward", confidence=0.8, evidence=evidence, tensor=name, module=module,
-                     reproducible=f.reproduced if replay is not None else None)
+        return _make(
+            "gradient_explosion",
+            "backward",
+            confidence=0.8,
+            evidence=evidence,
+            tensor=name,
+            module=module,
+            reproducible=f.reproduced if replay is not None else None,
+        )
     if f.trigger == "loss_spike":
         s = f.loss_spike or {}
-        evidence = [f"loss {fmt(f.loss)} vs running mean {fmt(s.get('mean'))} ({fmt(s.get('ratio'))}x, "
-                    f"z={fmt(s.get('z'))})"] if s else [f"loss {fmt(f.loss)}"]
+        evidence = (
+            [
+                f"loss {fmt(f.loss)} vs running mean {fmt(s.get('mean'))} ({fmt(s.get('ratio'))}x, "
+                f"z={fmt(s.get('z'))})"
+            ]
+            if s
+            else [f"loss {fmt(f.loss)}"]
+        )
         evidence.append("batch finite, labels in range, no input scale jump, no non-finite op in the replay")
-        return _make("loss_spike", "loss", confidence=0.7, evidence=evidence, reproducible=f.reproduced,
-                     fix={"ratio": fmt(s.get("ratio"))})
+        return _make(
+            "loss_spike",
+            "loss",
+            confidence=0.7,
+            evidence=evidence,
+            reproducible=f.reproduced,
+            fix={"ratio": fmt(s.get("ratio"))},
+        )
     if f.trigger == "divergence":
         t = f.trend or {}
-        evidence = [f"loss mean rose from {fmt(t.get('first'))} to {fmt(t.get('last'))} over "
-                    f"{fmt(t.get('steps'))} steps ({fmt(t.get('ratio'))}x)"] if t else ["loss trending upward"]
+        evidence = (
+            [
+                f"loss mean rose from {fmt(t.get('first'))} to {fmt(t.get('last'))} over "
+                f"{fmt(t.get('steps'))} steps ({fmt(t.get('ratio'))}x)"
+            ]
+            if t
+            else ["loss trending upward"]
+        )
         if f.lr is not None:
             evidence.append(f"lr {fmt(f.lr)}")
-        return _make("divergence", "optimizer", confidence=0.7, evidence=evidence,
-                     fix={"lr": fmt(f.lr), "ratio": fmt(t.get("ratio"))})
+        return _make(
+            "divergence",
+            "optimizer",
+            confidence=0.7,
+            evidence=evidence,
+            fix={"lr": fmt(f.lr), "ratio": fmt(t.get("ratio"))},
+        )
     return None
 
 
@@ -638,8 +996,22 @@ def _rule_unknown(f: Facts) -> Diagnosis:
     for r in (f.plain, f.traced, f.fp32):
         if r is not None:
             evidence.append(f"{r.label} replay: {_outcome_line(r)}")
+    ctx = f.error_context
+    if ctx:
+        evidence.append(
+            f"replay raised in {ctx.get('op')} ({ctx.get('phase')}, module {_mod(ctx.get('module'))}, "
+            f"stack {ctx.get('module_stack')})"
+        )
     evidence += [f"failed: {x}" for x in f.failures[:4]]
-    return _make("unknown", "unknown", confidence=0.1, evidence=evidence, reproducible=f.reproduced)
+    return _make(
+        "unknown",
+        "unknown",
+        confidence=0.1,
+        evidence=evidence,
+        reproducible=f.reproduced,
+        module=ctx.get("module") if ctx else None,
+        op=ctx.get("op") if ctx else None,
+    )
 
 
 RULES: tuple[Rule, ...] = (
@@ -695,8 +1067,11 @@ def _birth_line(b: Birth) -> str:
 def _outcome_line(r: ReplayOutcome) -> str:
     if r.error:
         return f"raised {r.error}"
-    grads = "grads finite" if r.grads_finite else (
-        f"{len(r.grad_nonfinite)} grad(s) non-finite, e.g. `{next(iter(r.grad_nonfinite))}`")
+    grads = (
+        "grads finite"
+        if r.grads_finite
+        else (f"{len(r.grad_nonfinite)} grad(s) non-finite, e.g. `{next(iter(r.grad_nonfinite))}`")
+    )
     return f"loss {fmt(r.loss)}, {grads}, grad norm {fmt(r.total_grad_norm)}"
 
 
@@ -719,13 +1094,20 @@ def _overflow_like(b: Birth) -> bool:
         return False
     limit = DTYPE_MAX.get(b.dtype or "", 3.4e38)
     absmax = [float(i["absmax"]) for i in b.inputs if isinstance(i.get("absmax"), (int, float))]
-    return (bool(absmax) and max(absmax) > min(1e4, math.sqrt(limit))) or b.op in ("aten::exp", "aten::_to_copy")
+    return (bool(absmax) and max(absmax) > min(1e4, math.sqrt(limit))) or b.op in (
+        "aten::exp",
+        "aten::_to_copy",
+    )
 
 
 def _domain_fix(b: Birth) -> str:
-    template = DOMAIN_FIXES.get((b.op or "").rstrip("_"), "keep its input inside the domain (clamp, add eps).")
-    values: dict[str, Any] = {"divisor_zeros": b.extra.get("divisor_zeros", "?"),
-                              "zero_over_zero": b.extra.get("zero_over_zero", "?")}
+    template = DOMAIN_FIXES.get(
+        (b.op or "").rstrip("_"), "keep its input inside the domain (clamp, add eps)."
+    )
+    values: dict[str, Any] = {
+        "divisor_zeros": b.extra.get("divisor_zeros", "?"),
+        "zero_over_zero": b.extra.get("zero_over_zero", "?"),
+    }
     first = b.inputs[0] if b.inputs else {}
     values.update(zeros=first.get("zeros", "?"), negatives=first.get("negatives", "?"))
     return template.format_map(_Defaults(values))
@@ -743,7 +1125,7 @@ def _batchnorm_evidence(b: Birth) -> dict[str, Any] | None:
         return None
     return {
         "line": f"batch norm over {per_channel} value(s) per channel; {zero_var} of {b.extra.get('channels')} "
-                "channel(s) with zero variance",
+        "channel(s) with zero variance",
         "per_channel": per_channel,
     }
 

@@ -134,10 +134,10 @@ class TrainingState:
         self.optimizer = optimizer
         self.scaler = scaler
         params: dict[int, torch.Tensor] = {}
-        for _, p in named_parameters(self.models):
-            params[id(p)] = p
-        for p in optimizer_params(optimizer):
-            params.setdefault(id(p), p)
+        for _, param in named_parameters(self.models):
+            params[id(param)] = param
+        for tensor in optimizer_params(optimizer):
+            params.setdefault(id(tensor), tensor)
         self.params = list(params.values())
         self._params = [_Saved.of(p) for p in self.params]
         self._requires_grad = [p.requires_grad for p in self.params]
@@ -247,10 +247,14 @@ class ReplayOutcome:
         return math.sqrt(sum(v * v for v in self.grad_norms.values())) if self.grad_norms else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        top = sorted(self.grad_norms.items(), key=lambda kv: -kv[1] if math.isfinite(kv[1]) else -math.inf)[:5]
+        top = sorted(self.grad_norms.items(), key=lambda kv: -kv[1] if math.isfinite(kv[1]) else -math.inf)[
+            :5
+        ]
         return {
             "label": self.label,
-            "loss": None if self.loss is None else (self.loss if math.isfinite(self.loss) else repr(self.loss)),
+            "loss": None
+            if self.loss is None
+            else (self.loss if math.isfinite(self.loss) else repr(self.loss)),
             "finite": self.finite,
             "grad_nonfinite": dict(list(self.grad_nonfinite.items())[:20]),
             "grad_norm": _json(self.total_grad_norm),
@@ -264,7 +268,9 @@ def _json(value: float) -> float | str:
     return value if math.isfinite(value) else repr(value)
 
 
-def grad_report(names: dict[int, str], params: Sequence[torch.Tensor]) -> tuple[dict[str, dict[str, int]], dict[str, float]]:
+def grad_report(
+    names: dict[int, str], params: Sequence[torch.Tensor]
+) -> tuple[dict[str, dict[str, int]], dict[str, float]]:
     """Non-finite counts and norms of the gradients now in ``.grad``, by parameter name."""
     bad: dict[str, dict[str, int]] = {}
     norms: dict[str, float] = {}
@@ -296,13 +302,18 @@ def replay(
 ) -> ReplayOutcome:
     """Run the step again from the saved state, under ``instruments``, and report what came out."""
     outcome = ReplayOutcome(label=label)
+    rerun = capture.rerun
+    if rerun is None:
+        outcome.error = "no rerun: the step cannot be replayed"
+        return outcome
     state.restore(clear_grads=True)
     if capture.rng_state is not None:
         capture.rng_state.restore()
     start = time.perf_counter()
     try:
-        with instruments() if instruments is not None else contextlib.nullcontext():
-            loss = capture.rerun()
+        context = instruments() if instruments is not None else contextlib.nullcontext()
+        with context:
+            loss = rerun()
         if isinstance(loss, torch.Tensor):
             outcome.loss_tensor = loss
             outcome.loss = float(loss.detach().float().sum()) if loss.numel() else None
@@ -335,12 +346,14 @@ class _Float32Dispatch(TorchDispatchMode):
         kwargs = dict(kwargs or {})
         schema = func._schema
         mutated = {
-            i for i, arg in enumerate(schema.arguments) if arg.alias_info is not None and arg.alias_info.is_write
+            i
+            for i, arg in enumerate(schema.arguments)
+            if arg.alias_info is not None and arg.alias_info.is_write
         }
-        new_args = [
-            a if i in mutated else tree_map(_upcast, a) for i, a in enumerate(args)
-        ]
-        written = {arg.name for arg in schema.arguments if arg.alias_info is not None and arg.alias_info.is_write}
+        new_args = [a if i in mutated else tree_map(_upcast, a) for i, a in enumerate(args)]
+        written = {
+            arg.name for arg in schema.arguments if arg.alias_info is not None and arg.alias_info.is_write
+        }
         new_kwargs = {k: (v if k in written else tree_map(_upcast, v)) for k, v in kwargs.items()}
         if schema.name in ("aten::_softmax", "aten::_log_softmax") and len(new_args) >= 3:
             new_args[2] = False  # half_to_float only applies to half inputs, which no longer exist

@@ -122,7 +122,11 @@ def _scalar_repr(value: Any) -> Any:
         return _num(value)
     if isinstance(value, (torch.dtype, torch.device, torch.memory_format, torch.layout)):
         return str(value)
-    if isinstance(value, (list, tuple)) and len(value) <= 8 and all(isinstance(v, (int, float)) for v in value):
+    if (
+        isinstance(value, (list, tuple))
+        and len(value) <= 8
+        and all(isinstance(v, (int, float)) for v in value)
+    ):
         return [_scalar_repr(v) for v in value]
     return None
 
@@ -172,7 +176,8 @@ def summarize(t: torch.Tensor, name: str | None = None) -> dict[str, Any]:
         values = x[finite]
         if values.numel():
             lo, hi = torch.aminmax(values.float())
-            out.update(min=_num(lo), max=_num(hi), absmax=_num(max(abs(float(lo)), abs(float(hi)))))
+            low, high = float(lo), float(hi)
+            out.update(min=_num(low), max=_num(high), absmax=_num(max(abs(low), abs(high))))
     return out
 
 
@@ -473,7 +478,9 @@ class OpTracer:
                 known = self._nodes.get(id(node))
                 if (known is not None and known.node is node) or type(node).__name__ == "AccumulateGrad":
                     continue
-                self._nodes[id(node)] = _NodeInfo(node, ctx.module, ctx.phase, self._match_op(node, ops, func))
+                self._nodes[id(node)] = _NodeInfo(
+                    node, ctx.module, ctx.phase, self._match_op(node, ops, func)
+                )
                 queue.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
         finally:
             self._busy = False
@@ -484,7 +491,9 @@ class OpTracer:
         key = _norm(node_name)
         for name, _ in reversed(ops):
             candidate = _norm(name)
-            if candidate == key or (len(key) >= 3 and (candidate.startswith(key) or key.startswith(candidate))):
+            if candidate == key or (
+                len(key) >= 3 and (candidate.startswith(key) or key.startswith(candidate))
+            ):
                 return name
         if len(ops) == 1:
             return ops[0][0]
@@ -561,7 +570,11 @@ class OpTracer:
             role = "read"
             alias = arg.alias_info
             if alias is not None and alias.is_write:
-                role = "write" if (arg.kwarg_only or (name in OVERWRITE_OPS and arg.name == "self")) else "mutated"
+                role = (
+                    "write"
+                    if (arg.kwarg_only or (name in OVERWRITE_OPS and arg.name == "self"))
+                    else "mutated"
+                )
             tensors = list(_tensors_in(value))
             for t in tensors:
                 bound.tensors.append((arg.name, t, role))
@@ -574,7 +587,9 @@ class OpTracer:
     def _inherit_view_flags(self, bound: _Bound, out: Any) -> None:
         """A view shares its base's values: finite base, finite view; otherwise check on use."""
         base = next((t for _, t, role in bound.tensors if role != "write"), None)
-        cached = self._flags.get(base) if base is not None else None
+        if base is None:
+            return
+        cached = self._flags.get(base)
         if cached is None or cached.version != base._version:
             return
         for t in _tensors_in(out):
@@ -765,7 +780,12 @@ class OpTracer:
         for ref, label in self._named.values():
             if not label.startswith("batch field "):
                 continue
-            if ref.shape == t.shape and ref.dtype == t.dtype and ref.device == t.device and torch.equal(ref, t):
+            if (
+                ref.shape == t.shape
+                and ref.dtype == t.dtype
+                and ref.device == t.device
+                and torch.equal(ref, t)
+            ):
                 return label[len("batch field ") :]
         return None
 
@@ -827,7 +847,11 @@ def batchnorm_stats(x: torch.Tensor) -> dict[str, Any]:
         flat = x.detach().transpose(0, 1).reshape(x.shape[1], -1).float()
         per_channel = int(flat.shape[1])
         zero_var = int((flat.var(dim=1, unbiased=False) == 0).sum()) if per_channel else 0
-    return {"values_per_channel": per_channel, "channels": int(x.shape[1]), "zero_variance_channels": zero_var}
+    return {
+        "values_per_channel": per_channel,
+        "channels": int(x.shape[1]),
+        "zero_variance_channels": zero_var,
+    }
 
 
 def root_of(births: Sequence[Birth], birth: Birth) -> Birth:
@@ -842,7 +866,9 @@ def root_of(births: Sequence[Birth], birth: Birth) -> Birth:
     return birth
 
 
-def iter_births(births: Iterable[Birth], kind: str | None = None, phase: str | None = None) -> Iterator[Birth]:
+def iter_births(
+    births: Iterable[Birth], kind: str | None = None, phase: str | None = None
+) -> Iterator[Birth]:
     for birth in births:
         if (kind is None or birth.kind == kind) and (phase is None or birth.phase == phase):
             yield birth

@@ -1,0 +1,89 @@
+"""Helpers shared by the benchmark scripts: what machine ran them, robust summaries, Markdown tables.
+
+Benchmarks are run as scripts (``python benchmarks/NAME.py``), so this module is imported as ``_common``
+from the script's own folder; it imports nothing heavy at module level.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (Linux), else whatever ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_info() -> dict[str, Any]:
+    """Everything a reader needs to judge a number: hardware, library versions, threads, date."""
+    import torch
+
+    info: dict[str, Any] = {
+        "date": datetime.date.today().isoformat(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "gpu": None,
+        "cuda": None,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    try:
+        import nanguard
+
+        info["nanguard"] = nanguard.__version__
+    except ImportError:
+        info["nanguard"] = None
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = None
+    return info
+
+
+def describe_machine(info: dict[str, Any]) -> str:
+    """One Markdown bullet list of :func:`machine_info`."""
+    device = f"GPU: {info['gpu']} (CUDA {info['cuda']})" if info.get("gpu") else "GPU: none (CPU run)"
+    lines = [
+        f"- date: {info['date']}",
+        f"- CPU: {info['cpu']}, {info['cpu_count']} logical cores, torch threads: {info['torch_threads']}",
+        f"- {device}",
+        f"- Python {info['python']}, torch {info['torch']}, nanguard {info.get('nanguard')}, "
+        f"transformers {info.get('transformers') or 'not installed'}",
+        f"- platform: {info['platform']}",
+    ]
+    return "\n".join(lines)
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown table; numbers are expected to be formatted by the caller."""
+    cells = [[str(c) for c in header], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+
+    def line(row: Sequence[str]) -> str:
+        return "| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) + " |"
+
+    separator = "|" + "|".join("-" * (width + 2) for width in widths) + "|"
+    return "\n".join([line(cells[0]), separator, *(line(row) for row in cells[1:])])
