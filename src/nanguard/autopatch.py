@@ -309,7 +309,7 @@ def _diagnose_crash(session: Session, exc: BaseException) -> None:
                 step=step, trigger="nonfinite_loss", models=guard.models, optimizer=guard.optimizer,
                 capture=StepCapture(rerun=None, batch=batch), exception=exc,
                 loss_history=list(guard.loss_history), grad_norm_history=list(guard.grad_history),
-                batch_scale_history={k: list(v) for k, v in guard.batch_scale_history.items()},
+                batch_scale_history={k: [v for _, v in pairs] for k, pairs in guard.batch_scale_history.items()},
             )
             result = investigate(request)
             diagnosis = result.diagnosis

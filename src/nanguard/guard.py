@@ -38,7 +38,7 @@ from nanguard.config import GuardConfig, resolve_config
 from nanguard.errors import TrainingAborted, UsageError
 from nanguard.events import Diagnosis, Event
 from nanguard.forensics.request import InvestigationRequest, RngState, StepCapture
-from nanguard.policy import EscalationPolicy
+from nanguard.policy import DATA_CAUSES, STATE_CAUSES, EscalationPolicy
 from nanguard.record import EventLog, HistoryLog, NullSink, Sink, write_json_atomic
 from nanguard.signals import DeviceReadback, all_finite, grads_of, scale_grads_, total_norm
 from nanguard.snapshot import SnapshotRing, restore, save_checkpoint
@@ -130,7 +130,8 @@ class Guard:
         self.grad_stats = RunningStats(**stats_args)  # type: ignore[arg-type]
         self.loss_history: deque[float] = deque(maxlen=max(256, self.config.divergence_window))
         self.grad_history: deque[float] = deque(maxlen=256)
-        self.batch_scale_history: dict[str, deque[float]] = {}
+        # Per batch field: (step, abs-max) of recent batches; the event's own batch is left out when judging it.
+        self.batch_scale_history: dict[str, deque[tuple[int, float]]] = {}
         self.scale_readback = DeviceReadback()
         self._batch_scale_names: dict[int, list[str]] = {}
         self._pending_loss: torch.Tensor | None = None
@@ -149,6 +150,10 @@ class Guard:
         self._hook_handles: list[Any] = []
         self._divergence_cooldown = 0
         self._best_loss_mean = float("inf")
+        self._streak_start: int | None = None
+        self._failed_snapshots: set[int] = set()
+        self._last_restored: tuple[int, int] | None = None
+        self._last_good_refs: tuple[StepCapture | None, list[Any], float] | None = None
 
         self.sinks: list[Sink] = list(sinks)
         if self.is_writer and own_records:
@@ -507,7 +512,7 @@ class Guard:
             values[F_POST_WEIGHTS_BAD] = 1.0
             self._handle_bad_step(step, values, capture=None, batch={}, update_applied=True)
             return result
-        self._good_step(step, values)
+        self._good_step(step, values, (self._closure_capture, list(self.recorder.calls)))
         return result
 
     def _device_step(self, step: int, original_step: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -557,10 +562,13 @@ class Guard:
         """The replay recipe and named batch for the step being decided now (sync mode)."""
         return self._build_capture(self._closure_capture, list(self.recorder.calls))
 
-    def _build_capture(self, closure_capture: StepCapture | None, calls: list[Any]) -> tuple[StepCapture | None, dict[str, Any]]:
+    def _build_capture(self, closure_capture: StepCapture | None, calls: list[Any], rename: bool = True) -> tuple[StepCapture | None, dict[str, Any]]:
         recorder = StepRecorder()
         recorder.calls = calls
-        batch, self._renamed = _rename_from_frames(recorder.batch())
+        if rename:
+            batch, self._renamed = _rename_from_frames(recorder.batch())
+        else:
+            batch = recorder.batch()
         if closure_capture is not None:
             closure_capture.batch = batch
             return closure_capture, batch
@@ -591,10 +599,13 @@ class Guard:
             else:
                 if values[F_CLIPPED]:
                     self.clipped_total += 1
-                self._good_step(item.step, values)
+                self._good_step(item.step, values, (refs[0], refs[1].get("calls", [])))
 
-    def _good_step(self, step: int, values: list[float]) -> None:
+    def _good_step(self, step: int, values: list[float], refs: tuple[StepCapture | None, list[Any]] | None = None) -> None:
         self.policy.on_good_step()
+        self._streak_start = None
+        if refs is not None and values[F_HAS_LOSS]:
+            self._last_good_refs = (refs[0], refs[1], values[F_LOSS])
         self._scaler_overflow_streak = 0
         loss = values[F_LOSS] if values[F_HAS_LOSS] else None
         norm = values[F_NORM]
@@ -611,7 +622,7 @@ class Guard:
         for item in self.scale_readback.poll(wait=wait):
             names = self._batch_scale_names.pop(item.step, [])
             for name, value in zip(names, item.values(), strict=False):
-                self.batch_scale_history.setdefault(name, deque(maxlen=64)).append(value)
+                self.batch_scale_history.setdefault(name, deque(maxlen=64)).append((item.step, value))
 
     def _on_scaler_skip(self) -> None:
         """GradScaler skipped without calling ``optimizer.step()``: a normal overflow, unless the loss itself is bad."""
@@ -714,11 +725,19 @@ class Guard:
                          extra_evidence: Sequence[str] = ()) -> None:
         trigger = trigger_override or self._trigger_of(values)
         loss, norm = values[F_LOSS], values[F_NORM]
+        if self._streak_start is None:
+            self._streak_start = step
         bad_rank = self._bad_rank()
         diagnosis, details = self._diagnose(step, trigger, capture, batch, loss, norm, update_applied, state_is_pre_step)
         if extra_evidence:
             diagnosis.evidence = [*extra_evidence, *diagnosis.evidence]
-        decision = self.policy.decide(trigger, diagnosis.cause, can_rollback=len(self.snapshots) > 0, update_applied=update_applied)
+        state_suspect = False
+        if trigger != "divergence" and not update_applied and diagnosis.cause not in DATA_CAUSES | STATE_CAUSES:
+            state_suspect, evidence = self._previous_batch_verdict(loss)
+            if evidence:
+                diagnosis.evidence.append(evidence)
+        decision = self.policy.decide(trigger, diagnosis.cause, can_rollback=len(self.snapshots) > 0,
+                                      update_applied=update_applied or state_suspect)
         if decision.action in ("skip", "rollback", "abort") and not update_applied:
             self.skipped_total += 1
             self._scheduler_hold = True
@@ -748,7 +767,7 @@ class Guard:
     def _diagnose(self, step: int, trigger: str, capture: StepCapture | None, batch: dict[str, Any], loss: float, norm: float,
                   update_applied: bool, state_is_pre_step: bool) -> tuple[Diagnosis, dict[str, Any]]:
         renamed = getattr(self, "_renamed", {})
-        history = {renamed.get(k, k): list(v) for k, v in self.batch_scale_history.items()}
+        history = {renamed.get(k, k): [v for s, v in pairs if s < step] for k, pairs in self.batch_scale_history.items()}
         spike_stats = self._spike_summary()
         models = self.models or []
         if self.config.forensics and self._investigations < self.config.forensics_max_events and trigger != "divergence":
@@ -779,6 +798,34 @@ class Guard:
         )
         return diagnosis, {}
 
+    def _previous_batch_verdict(self, loss: float) -> tuple[bool, str | None]:
+        """Is the state to blame rather than this batch? Re-run the last good batch on the current weights.
+
+        If that batch, fine one step ago, now gives a non-finite or far larger loss, the last update damaged
+        the weights (a learning-rate spike does this): skipping cannot help, rolling back can.
+        """
+        refs = self._last_good_refs
+        if refs is None:
+            return False, None
+        capture, _ = self._build_capture(refs[0], refs[1], rename=False)
+        if capture is None or capture.rerun is None:
+            return False, None
+        try:
+            with self._replay_context(), _preserved(self.models, self._params()):
+                if capture.rng_state is not None:
+                    capture.rng_state.restore()
+                now = capture.rerun()
+            now_value = float(now.detach().float().sum()) if isinstance(now, torch.Tensor) else float("nan")
+        except Exception:  # a replay that cannot run proves nothing either way
+            return False, None
+        then = refs[2]
+        std = self.loss_stats.host_summary()["std"]
+        damaged = not math.isfinite(now_value) or (
+            then > 0 and now_value > self.config.spikes.loss_ratio * then and now_value - then > 3 * std
+        )
+        verdict = "so the weights were damaged by the last update" if damaged else "so this batch, not the weights, is the problem"
+        return damaged, f"the previous batch's loss was {then:.4g} one step ago and is {now_value:.4g} on the current weights, {verdict}"
+
     @contextlib.contextmanager
     def _replay_context(self) -> Iterator[None]:
         """While forensics re-runs a step: no recording, no loss accounting, and no talking to other ranks
@@ -800,9 +847,22 @@ class Guard:
                             None, extra={"loss_stats": self.loss_stats.state_dict(), "grad_stats": self.grad_stats.state_dict()})
 
     def _rollback(self) -> int | None:
-        snap = self.snapshots.newest_finite()
+        """Restore the newest trustworthy snapshot.
+
+        A snapshot taken right after the update that preceded the trouble may already hold that update's
+        damage (a learning-rate bug leaves finite but ruined weights), so prefer one taken before it; and a
+        snapshot that failed again soon after being restored is not used twice.
+        """
+        streak_start = self._streak_start if self._streak_start is not None else self.step_count
+        recent = self._last_restored
+        if recent is not None and self.step_count - recent[1] <= max(self.config.snapshot_every, 10):
+            self._failed_snapshots.add(recent[0])
+        snap = (self.snapshots.newest_finite(at_most=streak_start - 1, exclude=self._failed_snapshots)
+                or self.snapshots.newest_finite(exclude=self._failed_snapshots)
+                or self.snapshots.newest_finite())
         if snap is None:
             return None
+        self._last_restored = (snap.step, self.step_count)
         restore(snap, self.models, self.optimizer, self.scaler if self.scaler_enabled else None, None)
         for param in self._params():
             param.grad = None
@@ -900,6 +960,23 @@ class Guard:
 
     def __exit__(self, *exc: Any) -> None:
         self.close(status="error" if exc[0] is not None and exc[0] is not TrainingAborted else "finished")
+
+
+@contextlib.contextmanager
+def _preserved(models: Sequence[torch.nn.Module], params: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Put back gradients, buffers (BatchNorm statistics) and RNG states after a diagnostic re-run."""
+    grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
+    buffers = [(b, b.detach().clone()) for m in models for b in m.buffers()]
+    rng = RngState.capture()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.grad = g
+            for live, saved in buffers:
+                live.copy_(saved)
+        rng.restore()
 
 
 RUN_FILES = ("events.jsonl", "history.csv", "summary.json", "report.html", "report.md", "emergency_checkpoint.pt")

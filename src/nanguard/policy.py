@@ -12,6 +12,11 @@ from dataclasses import dataclass
 from nanguard.config import GuardConfig
 
 STATE_CAUSES = frozenset({"weights_nonfinite", "optimizer_state_nonfinite", "update_overflow"})
+# Causes that live in the batch: skipping the batch is the whole remedy.
+DATA_CAUSES = frozenset({
+    "input_nonfinite", "label_out_of_range", "input_extreme_scale", "masked_softmax_all_masked",
+    "masked_target_logit", "batchnorm_degenerate", "nondeterministic",
+})
 
 
 @dataclass

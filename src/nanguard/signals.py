@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from nanguard.distributed import materialize, mesh_key
+
 
 def _grouped(tensors: Iterable[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
@@ -36,15 +38,34 @@ def total_norm(tensors: Sequence[torch.Tensor], device: torch.device | None = No
 
     This is the quantity gradient clipping computes; it is non-finite exactly when some element is
     non-finite (or the sum overflows float32, which is itself an explosion worth flagging).
+
+    Sharded tensors (FSDP2 ``DTensor`` gradients) give the norm of the whole, unsharded tensor:
+    sqrt of the sum over ranks of the local shards' squares. That reduction is one collective per
+    device mesh, so under FSDP every rank must call this at the same point (the guard does, once a step).
     """
     if not tensors:
         return torch.zeros((), dtype=torch.float32, device=device or "cpu")
-    target = device or tensors[0].device
+    target = device or _local_device(tensors[0])
     norms: list[torch.Tensor] = []
-    for (dev, _), group in _grouped(t.detach() for t in tensors).items():
+    for (_, dev, _), group in _grouped_by_mesh(t.detach() for t in tensors).items():
         per_tensor = _foreach_norms_fp32(group)
-        norms.append(torch.linalg.vector_norm(torch.stack(per_tensor)).to(target, non_blocking=dev != target))
+        group_norm = materialize(torch.linalg.vector_norm(torch.stack(per_tensor)) if len(per_tensor) > 1 else per_tensor[0])
+        norms.append(group_norm.float().to(target, non_blocking=dev != target))
     return torch.linalg.vector_norm(torch.stack(norms)) if len(norms) > 1 else norms[0]
+
+
+def _local_device(tensor: torch.Tensor) -> torch.device:
+    """The device a tensor's data lives on (for a DTensor: its local shard's)."""
+    local = getattr(tensor, "_local_tensor", None)
+    return local.device if isinstance(local, torch.Tensor) else tensor.device
+
+
+def _grouped_by_mesh(tensors: Iterable[torch.Tensor]) -> dict[tuple[Any, torch.device, torch.dtype], list[torch.Tensor]]:
+    """Group for fused norms: plain tensors by (device, dtype), DTensors also by mesh and placements."""
+    groups: dict[tuple[Any, torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+    for t in tensors:
+        groups[(mesh_key(t), t.device, t.dtype)].append(t)
+    return groups
 
 
 def grads_of(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -58,7 +79,11 @@ def scale_grads_(grads: Sequence[torch.Tensor], coef: torch.Tensor) -> None:
 
 
 def all_finite(tensors: Sequence[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
-    """A boolean device scalar: every element of every tensor is finite (one fused reduction)."""
+    """A boolean device scalar: every element of every tensor is finite (one fused reduction).
+
+    For sharded tensors the answer covers every rank's shards (see :func:`total_norm`), so all ranks
+    agree on it, as they must when it decides a rollback.
+    """
     return torch.isfinite(total_norm(tensors, device))
 
 

@@ -93,12 +93,15 @@ class SnapshotRing:
         self._ring.append(snap)
         return snap
 
-    def newest_finite(self) -> Snapshot | None:
-        """The newest snapshot whose tensors are all finite (checked now, on the event path)."""
+    def newest_finite(self, *, at_most: int | None = None, exclude: frozenset[int] | set[int] = frozenset()) -> Snapshot | None:
+        """The newest snapshot whose tensors are all finite (checked now, on the event path).
+
+        ``at_most``: only snapshots taken before step ``at_most`` ran; ``exclude``: snapshot steps known to be bad.
+        """
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()  # pinned copies are asynchronous; finish them before reading
         for snap in reversed(self._ring):
-            if snap.is_finite():
+            if (at_most is None or snap.step <= at_most) and snap.step not in exclude and snap.is_finite():
                 return snap
         return None
 

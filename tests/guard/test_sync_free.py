@@ -17,7 +17,6 @@ import nanguard
 from tests.conftest import read_events
 from tests.guard.helpers import batches, make_mlp
 
-
 _READS_ALLOWED = [False]
 
 
@@ -90,7 +89,7 @@ def test_fused_path_clips_inside_the_optimizer_kernel(tmp_path):
     opt.step()
     guard.close()
     expected_coef = 1e-3 / (norm + 1e-6)
-    for p, b, g in zip(model.parameters(), before, grads):
+    for p, b, g in zip(model.parameters(), before, grads, strict=True):
         assert torch.allclose(p.detach(), b - 0.05 * g * expected_coef, atol=1e-7)
     assert guard.summary()["clipped"] == 1
 

@@ -468,6 +468,18 @@ def _rule_update_flag(f: Facts) -> Diagnosis | None:
     replay = f.replay
     if f.entry_grads or (replay is not None and not replay.grads_finite):
         return None  # non-finite gradients explain non-finite weights better than the update does
+    poisoned = [o for o in f.optimizer_state if o["nan"]]
+    if poisoned:
+        # Moment updates from finite gradients (m = b1*m + (1-b1)*g, v = b2*v + (1-b2)*g*g) can overflow
+        # to inf but never make a NaN: a NaN in the buffers was there before this update.
+        diagnosis = _rule_optimizer_state(f)
+        if diagnosis is not None:
+            diagnosis.evidence.insert(
+                0,
+                "finite gradients went into the update and non-finite weights came out; the optimizer's "
+                "buffers hold NaN, which finite gradients cannot create",
+            )
+            return diagnosis
     return _update_overflow(
         f, "the guard saw finite weights and gradients before the update and non-finite weights after it"
     )
@@ -532,7 +544,10 @@ def _rule_optimizer_state(f: Facts) -> Diagnosis | None:
         f"optimizer state `{o['name']}`: {o['nan']} NaN, {o['inf']} Inf of {o['numel']}"
         for o in f.optimizer_state[:4]
     ]
-    evidence.append("parameters are finite; the next update would write these into the weights")
+    if f.weights:
+        evidence.append(f"{len(f.weights)} parameter/buffer tensor(s) are non-finite too, e.g. `{f.weights[0]['name']}`")
+    else:
+        evidence.append("parameters are finite; the next update would write these into the weights")
     return _make(
         "optimizer_state_nonfinite",
         "state",

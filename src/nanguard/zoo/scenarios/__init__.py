@@ -1,0 +1,1 @@
+"""Zoo scenarios: one realistic fault per module; see :func:`nanguard.zoo.load_scenarios`."""

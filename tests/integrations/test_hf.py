@@ -1,0 +1,116 @@
+"""Hugging Face Trainer: a real GPT-2 (tiny config, no hub) trained on CPU with a NaN batch at a known step."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from nanguard import Guard  # noqa: E402
+from nanguard.integrations.hf import NanguardCallback, guard_trainer  # noqa: E402
+from tests.conftest import read_events  # noqa: E402
+
+BATCH = 4
+STEPS = 20
+BAD_STEP = 7
+
+
+class Tokens(torch.utils.data.IterableDataset):
+    """Embedded tokens in a fixed order (no sampler), so batch ``k`` holds items ``[4k, 4k+4)``."""
+
+    def __init__(self, n: int, bad_item: int | None = None) -> None:
+        self.n, self.bad_item = n, bad_item
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(0)
+        for i in range(self.n):
+            embeds = torch.randn(8, 32, generator=gen)
+            if i == self.bad_item:
+                embeds[3, 5] = float("nan")
+            yield {"inputs_embeds": embeds, "labels": torch.randint(0, 64, (8,), generator=gen)}
+
+
+def tiny_gpt2() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def make_trainer(tmp_path: Path, model: torch.nn.Module, bad_item: int | None, **args) -> transformers.Trainer:
+    arguments = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "hf"), max_steps=STEPS, per_device_train_batch_size=BATCH, report_to=[], use_cpu=True,
+        logging_steps=1, save_strategy="no", disable_tqdm=True, learning_rate=1e-3, max_grad_norm=0.0, **args,
+    )
+    return transformers.Trainer(model=model, args=arguments, train_dataset=Tokens(STEPS * BATCH * 2, bad_item))
+
+
+def plain_loop_events(tmp_path: Path, bad_item: int) -> list[dict]:
+    """The same model, data and fault, trained by hand under a plain Guard."""
+    model = tiny_gpt2()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
+    loader = torch.utils.data.DataLoader(Tokens(STEPS * BATCH * 2, bad_item), batch_size=BATCH)
+    with Guard(model, optimizer, out_dir=tmp_path / "plain", console=False, report=False):
+        for _, batch in zip(range(STEPS), loader, strict=False):
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return read_events(tmp_path / "plain")
+
+
+def test_trainer_skips_the_nan_step_like_the_plain_loop(tmp_path: Path) -> None:
+    bad_item = BAD_STEP * BATCH + 1
+    model = tiny_gpt2()
+    trainer = make_trainer(tmp_path, model, bad_item)
+    callback = guard_trainer(trainer, console=False, report=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+
+    events = read_events(tmp_path / "hf" / "nanguard")
+    expected = plain_loop_events(tmp_path, bad_item)
+    assert [(e["step"], e["trigger"], e["action"]) for e in events] == [(BAD_STEP, "nonfinite_loss", "skip")]
+    assert [(e["step"], e["trigger"], e["action"]) for e in events] == [(e["step"], e["trigger"], e["action"]) for e in expected]
+    assert events[0]["diagnosis"]["cause"] == expected[0]["diagnosis"]["cause"] == "input_nonfinite"
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+    # The LR schedule did not advance for the skipped step: one fewer scheduler step than optimizer steps.
+    assert trainer.lr_scheduler.last_epoch == STEPS - 1
+    rows = (tmp_path / "hf" / "nanguard" / "history.csv").read_text().splitlines()[1:]
+    assert len(rows) == STEPS
+    assert rows[BAD_STEP].split(",")[7] == "skip"
+    lr_of = {int(r.split(",")[0]): float(r.split(",")[4]) for r in rows}
+    assert lr_of[BAD_STEP] == lr_of[BAD_STEP + 1] > lr_of[BAD_STEP + 2]
+
+    # The Trainer's own log still averages the NaN away, but says that it happened.
+    logged = [h for h in trainer.state.log_history if "nanguard_skipped" in h]
+    assert [h["nanguard_nonfinite_loss"] for h in logged].count(1) == 1
+    assert logged[-1]["nanguard_skipped"] == 1
+    assert any("non-finite loss" in str(w.message) for w in caught)
+    # Patches are gone once training ends.
+    assert callback.guard is None
+    assert "step" not in vars(trainer.optimizer)
+
+
+def test_callback_added_by_hand_with_gradient_accumulation(tmp_path: Path) -> None:
+    model = tiny_gpt2()
+    trainer = make_trainer(tmp_path, model, bad_item=2 * BATCH * 5 + 6, gradient_accumulation_steps=2)
+    trainer.add_callback(NanguardCallback(out_dir=tmp_path / "ng", console=False, report=False))
+    trainer.train()
+    events = read_events(tmp_path / "ng")
+    # Items 40..47 make optimizer step 5 (two micro-batches of 4); item 46 holds the NaN.
+    assert [(e["step"], e["trigger"], e["action"]) for e in events] == [(5, "nonfinite_loss", "skip")]
+    rows = (tmp_path / "ng" / "history.csv").read_text().splitlines()[1:]
+    assert len(rows) == STEPS
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_guard_trainer_rejects_other_objects() -> None:
+    from nanguard.errors import UsageError
+
+    with pytest.raises(UsageError, match="transformers.Trainer"):
+        guard_trainer(object())
