@@ -26,6 +26,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages: on a shared machine, how much else was running."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def machine_info() -> dict[str, Any]:
     """Everything a reader needs to judge a number: hardware, library versions, threads, date."""
     import torch
@@ -41,6 +49,7 @@ def machine_info() -> dict[str, Any]:
         "gpu": None,
         "cuda": None,
     }
+    info["load_average"] = load_average()
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
@@ -70,6 +79,10 @@ def describe_machine(info: dict[str, Any]) -> str:
         f"transformers {info.get('transformers') or 'not installed'}",
         f"- platform: {info['platform']}",
     ]
+    if info.get("load_average"):
+        start = info.get("load_average_start")
+        lines.append(f"- load average (1/5/15 min){f' at the start: {start},' if start else ''} at the end: {info['load_average']} "
+                     f"(other processes share these {info['cpu_count']} cores when it exceeds ~1)")
     return "\n".join(lines)
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import gc
 import json
 import os
@@ -43,7 +44,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import describe_machine, machine_info, markdown_table, median  # noqa: E402
+from _common import describe_machine, load_average, machine_info, markdown_table, median
 
 UNGUARDED = "unguarded"
 GUARD_PRESETS = {"nanguard safe (default)": "safe", "nanguard fast": "fast", "nanguard forensic": "forensic"}
@@ -86,7 +87,10 @@ SHAPES = {
     "small": Shape(layers=2, width=128, heads=4, vocab=1024, seq=64, batch=8),
     "gpt2": Shape(layers=12, width=768, heads=12, vocab=50257, seq=1024, batch=8),
 }
-# GPT-2 width and depth, but a sequence and batch a CPU can step through in seconds (--allow-cpu).
+# Runs every code path once before the forked memory children, so they do not count one-time initialisation.
+WARMUP_SHAPE = Shape(layers=1, width=16, heads=2, vocab=32, seq=8, batch=2)
+# GPT-2 width and depth, but a sequence and batch a CPU can step through in seconds, in fp32 (--allow-cpu):
+# bf16 autocast on a CPU without bf16 units is emulated, and would measure the emulation.
 GPT2_ON_CPU = {"seq": 128, "batch": 1}
 
 
@@ -322,6 +326,15 @@ def run_steps(run: Run, batches: list[Batch], steps: int) -> None:
             run.train_step(run, run.next_batch(batches))
 
 
+def train_for_memory(run: Run, settings: Settings, steps: int) -> None:
+    """Two steps (the optimizer state exists after the first), a full snapshot ring, then ``steps`` more: the
+    peak then holds the ring and a step's activations at once, as in a long run."""
+    batches = make_batches(settings)
+    run_steps(run, batches, 2)
+    fill_snapshot_ring(run)
+    run_steps(run, batches, steps)
+
+
 def fill_snapshot_ring(run: Run) -> None:
     """Take snapshots until the ring holds ``snapshot_keep`` of them: the guard's steady-state memory."""
     guard = run.guard
@@ -369,15 +382,16 @@ def timing_rows(runs: list[Run]) -> list[dict[str, Any]]:
         reference = next(r for r in runs if r.optimizer_kind == kind and r.variant == UNGUARDED)
         for run in (r for r in runs if r.optimizer_kind == kind):
             ratios = [a / b for a, b in zip(run.block_seconds, reference.block_seconds, strict=True)]
-            row = {
+            row: dict[str, Any] = {
                 "variant": run.variant, "optimizer": kind, "median_ms": 1e3 * median(run.block_seconds),
                 "ratio_median": median(ratios), "ratio_mean": sum(run.block_seconds) / sum(reference.block_seconds),
                 "blocks": len(run.block_seconds),
             }
             if run.guard is not None:
                 summary = run.guard.summary()
-                row["guard"] = {k: summary[k] for k in ("steps", "skipped", "clipped", "rollbacks", "events")}
-                row["guard"]["mode"] = "device (no sync)" if run.guard.device_mode else "sync (one per step)"
+                activity = {k: summary[k] for k in ("steps", "skipped", "clipped", "rollbacks", "events")}
+                activity["mode"] = "device (no sync)" if run.guard.device_mode else "sync (one per step)"
+                row["guard"] = activity
             rows.append(row)
     return rows
 
@@ -409,8 +423,7 @@ def _cpu_child_peak(variant: str, kind: str, settings: Settings, out_root: Path)
         handle.write("5")
     start = _rss_kib("VmRSS")
     run = build_run(variant, kind, settings, out_root)
-    run_steps(run, make_batches(settings), settings.memory_steps)
-    fill_snapshot_ring(run)
+    train_for_memory(run, settings, settings.memory_steps)
     peak = _rss_kib("VmHWM")
     return {"peak_mb": (peak - start) * 1024 / 1e6}
 
@@ -422,7 +435,7 @@ def _in_fork(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         os.close(read_fd)
         try:
             payload = json.dumps(fn())
-        except BaseException as exc:  # noqa: BLE001 - anything the child hits goes back as text
+        except BaseException as exc:  # anything the child hits goes back as text
             payload = json.dumps({"error": repr(exc)})
         with os.fdopen(write_fd, "w") as pipe:
             pipe.write(payload)
@@ -440,7 +453,7 @@ def memory_pass(settings: Settings, variants: list[str], out_root: Path) -> tupl
     results: dict[tuple[str, str], dict[str, Any]] = {}
     if settings.device == "cuda":
         method = ("CUDA max_memory_allocated while one variant alone builds its model and optimizer and trains "
-                  f"{settings.memory_steps} steps (snapshots live in host memory and are not counted here)")
+                  f"2 + {settings.memory_steps} steps (snapshots live in host memory and are not counted here)")
         for kind in OPTIMIZERS:
             for variant in variants:
                 gc.collect()
@@ -448,8 +461,7 @@ def memory_pass(settings: Settings, variants: list[str], out_root: Path) -> tupl
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated()
                 run = build_run(variant, kind, settings, out_root)
-                run_steps(run, make_batches(settings), settings.memory_steps)
-                fill_snapshot_ring(run)
+                train_for_memory(run, settings, settings.memory_steps)
                 sync(settings.device)
                 results[(variant, kind)] = {"peak_mb": (torch.cuda.max_memory_allocated() - before) / 1e6}
                 run.close()
@@ -460,12 +472,28 @@ def memory_pass(settings: Settings, variants: list[str], out_root: Path) -> tupl
     reason = cpu_memory_supported()
     if reason is not None:
         return results, f"not measured: {reason}"
-    method = ("peak RSS growth (VmHWM after minus VmRSS before) of a forked child that builds the model and "
-              f"optimizer, attaches the variant and trains {settings.memory_steps} steps alone; guards fill their "
-              "snapshot ring to snapshot_keep first")
-    for kind in OPTIMIZERS:
-        for variant in variants:
-            results[(variant, kind)] = _in_fork(lambda v=variant, k=kind: _cpu_child_peak(v, k, settings, out_root))
+    method = ("peak RSS growth (VmHWM at the end minus VmRSS at the start) of a forked child that builds the model "
+              f"and optimizer, attaches the variant and trains 2 + {settings.memory_steps} steps alone, single-threaded, "
+              "guards with a full snapshot ring (snapshot_keep snapshots) from step 2 on. The parent first ran every variant on a tiny model, "
+              "so torch's one-time kernel initialisation and lazy imports are not counted")
+    threads = torch.get_num_threads()
+    # A child forked after OpenMP has started its thread pool hangs in its first parallel region, so the
+    # parent warms up and the children run with one thread; the timing pass gets its threads back after.
+    torch.set_num_threads(1)
+    try:
+        warm = replace(settings, shape=WARMUP_SHAPE)
+        for kind in OPTIMIZERS:
+            for variant in variants:
+                run = build_run(variant, kind, warm, out_root / "warmup")
+                train_for_memory(run, warm, 1)
+                run.close()
+        del run
+        gc.collect()
+        for kind in OPTIMIZERS:
+            for variant in variants:
+                results[(variant, kind)] = _in_fork(functools.partial(_cpu_child_peak, variant, kind, settings, out_root))
+    finally:
+        torch.set_num_threads(threads)
     return results, method
 
 
@@ -662,14 +690,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be >= 1, got {value}")
+    if args.shape == "gpt2" and not args.allow_cpu and not torch.cuda.is_available():
+        parser.error("--shape gpt2 is a GPU benchmark (bf16 autocast, fused AdamW) and no CUDA device is visible: run it on a "
+                     "GPU machine, or add --allow-cpu for GPT-2 width and depth at a reduced sequence/batch on this CPU (slow)")
     return args
 
 
 def make_settings(args: argparse.Namespace) -> Settings:
     cuda = torch.cuda.is_available()
-    if args.shape == "gpt2" and not cuda and not args.allow_cpu:
-        raise SystemExit("overhead.py: --shape gpt2 is a GPU benchmark (bf16 autocast, fused AdamW) and no CUDA device is "
-                         "visible. Run it on a GPU machine, or pass --allow-cpu for a reduced sequence/batch on this CPU.")
     shape = SHAPES[args.shape]
     overrides: dict[str, int] = dict(GPT2_ON_CPU) if args.shape == "gpt2" and not cuda else {}
     overrides.update({k: v for k, v in (("seq", args.seq), ("batch", args.batch)) if v is not None})
@@ -680,7 +708,7 @@ def make_settings(args: argparse.Namespace) -> Settings:
     big = args.shape == "gpt2"
     quick = args.quick
     return Settings(
-        shape_name=args.shape, shape=shape, device="cuda" if cuda else "cpu", bf16=big, lr=3e-4 if big else 1e-3,
+        shape_name=args.shape, shape=shape, device="cuda" if cuda else "cpu", bf16=big and cuda, lr=3e-4 if big else 1e-3,
         rounds=args.rounds or (2 if quick else 7), block=args.block or (2 if quick else 5 if big else 4),
         warmup=2 if quick else 3, guard_warmup=2 if quick else guard_warmup, memory_steps=2 if quick else 5,
         snapshot_repeats=2 if quick else 7, replay_faults=1 if quick else 3, replay_normal_steps=2 if quick else 5,
@@ -694,6 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     if threads:
         torch.set_num_threads(threads)
     settings = make_settings(args)
+    load_at_start = load_average()
     warnings.filterwarnings("ignore", message=".*[Aa]nomaly [Dd]etection.*")
     variants = variants_to_run()
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__), *(sys.argv[1:] if argv is None else argv)])
@@ -719,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
         replay = [replay_row(kind, settings, out_root) for kind in OPTIMIZERS]
         progress("done")
     result = {
-        "command": command, "machine": machine_info(), "parameters": parameters,
+        "command": command, "machine": {**machine_info(), "load_average_start": load_at_start}, "parameters": parameters,
         "settings": {**asdict(settings), "variants": variants,
                      "skipped_variants": [v for v in VARIANTS if v not in variants]},
         "timing": timing,

@@ -367,7 +367,8 @@ class Guard:
         return self._param_cache[1]
 
     def _guarded_step(self, original_step: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if self._closed or self._aborted:
+        if self._closed or self._aborted or isinstance(self.optimizer, torch.optim.LBFGS):
+            # LBFGS re-evaluates its closure inside step(); it cannot take a verdict from outside.
             return original_step(*args, **kwargs)
         closure = kwargs.get("closure") if "closure" in kwargs else (args[0] if args and callable(args[0]) else None)
         if closure is not None and self._closure_capture is None:

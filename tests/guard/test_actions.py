@@ -255,3 +255,43 @@ def test_previous_run_files_are_set_aside_not_overwritten(tmp_path):
 def test_guard_rejects_a_non_optimizer_with_a_clear_error():
     with pytest.raises(nanguard.NanguardError, match=r"torch\.optim\.Optimizer"):
         nanguard.Guard(make_mlp(), "adam")  # type: ignore[arg-type]
+
+
+def test_tensorboard_sink_gets_scalars_and_event_text(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = nanguard.Guard(model, opt, out_dir=tmp_path, console=False, report=False, tensorboard=True)
+    train(model, opt, 12, corrupt=_nan_at(6))
+    guard.close()
+    accumulator = EventAccumulator(str(tmp_path / "tensorboard"))
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    assert any("loss" in tag for tag in tags["scalars"])
+    assert tags["tensors"] or tags.get("text")
+
+
+def test_optimizer_step_with_a_closure_is_guarded_and_evaluates_the_closure_once(tmp_path):
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = nanguard.Guard(model, opt, out_dir=tmp_path, console=False, report=False)
+    calls = []
+    for step, (x, y) in enumerate(batches(8)):
+        if step == 4:
+            x = torch.full_like(x, float("nan"))
+
+        def closure(x=x, y=y, step=step):
+            calls.append(step)
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    guard.close()
+    # Once per step; the bad step's closure is also what forensics re-runs to find the cause.
+    assert all(calls.count(step) == 1 for step in range(8) if step != 4)
+    assert calls.count(4) >= 1
+    assert [(e["step"], e["action"]) for e in read_events(tmp_path)] == [(4, "skip")]

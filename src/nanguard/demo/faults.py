@@ -48,7 +48,7 @@ class FaultPlan:
             nan_in_data_step=round(0.42 * steps),
             lr_spike_step=round(0.54 * steps),
             lr_spike_steps=1,
-            corrupt_weight_step=round(0.75 * steps),
+            corrupt_weight_step=round(0.74 * steps),
         )
 
     @classmethod

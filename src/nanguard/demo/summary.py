@@ -15,12 +15,22 @@ from nanguard.report.text import action_phrase, cause_phrase, format_number, tri
 # An event belongs to the newest fault injected at most this many steps before it (an LR spike shows
 # in the loss of the step after the bad update, or a few steps later).
 FAULT_REACH = 5
+FIXES_SHOWN = 2
+ROOT_MODULE = "<root>"
 
 
-def fault_of(event_step: int, injected: Sequence[tuple[int, str]]) -> str | None:
-    """The kind of fault that explains an event at ``event_step``, or None when no fault is near."""
-    candidates = [(step, kind) for step, kind in injected if 0 <= event_step - step <= FAULT_REACH]
-    return max(candidates)[1] if candidates else None
+def nearest_fault(event_step: int, injected: Sequence[tuple[int, str]]) -> tuple[int, str] | None:
+    """The (step, kind) of the injection that explains an event at ``event_step``; None if no fault is near."""
+    near = [(step, kind) for step, kind in injected if 0 <= event_step - step <= FAULT_REACH]
+    return max(near) if near else None
+
+
+def _injection_text(event_step: int, injected: Sequence[tuple[int, str]], described: dict[str, str]) -> str:
+    nearest = nearest_fault(event_step, injected)
+    if nearest is None:
+        return "no fault was injected near this step"
+    step, kind = nearest
+    return described.get(kind, kind) + (f" (in effect at step {step})" if step != event_step else "")
 
 
 def _injected_steps(kind: str, injected: Sequence[tuple[int, str]]) -> list[int]:
@@ -56,16 +66,15 @@ def diagnoses_block(guarded: RunResult, faults: Sequence[Fault]) -> str:
         happened = trigger_phrase(event["trigger"], _loss_value(event), event.get("grad_norm"))
         lines.append("")
         lines.append(f"  step {event['step']}: {happened} -> {action_phrase(event['action'])}")
-        kind = fault_of(event["step"], guarded.injected)
-        lines.append(f"    injected: {described.get(kind, kind) if kind else 'no fault was injected near this step'}")
+        lines.append(f"    injected: {_injection_text(event['step'], guarded.injected, described)}")
         cause = str(diagnosis.get("cause", "unknown"))
         lines.append(f"    cause:    {cause} ({cause_phrase(cause)}), in {diagnosis.get('phase', 'unknown')}")
-        where = where_phrase(diagnosis)
+        # The root module's name is ''; say so in words a reader can place.
+        module = diagnosis.get("module")
+        where = where_phrase({**diagnosis, "module": ROOT_MODULE if module == "" else module})
         if where:
             lines.append(f"    where:    {where}")
-        fixes = diagnosis.get("fixes") or []
-        if fixes:
-            lines.append(f"    fix:      {fixes[0]}")
+        lines += [f"    fix:      {fix}" for fix in (diagnosis.get("fixes") or [])[:FIXES_SHOWN]]
     return "\n".join(lines)
 
 
@@ -130,7 +139,7 @@ def summary_json(*, steps: int, seed: int, faults: Sequence[Fault], guarded: Run
         "events": [
             {"step": e["step"], "trigger": e["trigger"], "action": e["action"],
              **{key: (e.get("diagnosis") or {}).get(key) for key in ("cause", "phase", "module", "op", "tensor")},
-             "fault": fault_of(e["step"], guarded.injected)}
+             "fault": (nearest_fault(e["step"], guarded.injected) or (None, None))[1]}
             for e in guarded.events
         ],
         "guarded": guarded_json,

@@ -16,14 +16,15 @@ Without torch.distributed it behaves exactly like the Guard.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from nanguard import distributed as dist_utils
-from nanguard.events import Diagnosis
-from nanguard.guard import Guard
+from nanguard.events import Diagnosis, Event
+from nanguard.guard import F_LOSS, Guard
 
 
 class IntegrationGuard(Guard):
@@ -51,6 +52,14 @@ class IntegrationGuard(Guard):
         self._lockstep_step = step
         return super()._check_and_step(step, *args, **kwargs)
 
+    def _emit(self, event: Event) -> None:
+        rows = event.details.get("rank_flags")
+        if isinstance(rows, list) and 0 <= event.rank < len(rows) and event.rank != self.rank:
+            event.loss = rows[event.rank][F_LOSS]  # the loss of the rank that saw the fault, not this rank's
+        # Per-rank flag rows carry the NaN loss of the bad rank; strict JSON refuses it.
+        event.details = _json_safe(event.details)
+        super()._emit(event)
+
     def _replay_context(self) -> Any:
         return dist_utils.isolated_replay([*self.models, *self.replay_wrappers])
 
@@ -69,6 +78,17 @@ class IntegrationGuard(Guard):
             return diagnosis, {**details, "diagnosed_on_rank": dist_utils.rank()}
 
         return dist_utils.diagnose_on_bad_rank(self._bad_rank(), diagnose, _no_diagnosis, all_ranks=sharded)
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats as strings ("nan", "inf"): event files are strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _no_diagnosis() -> tuple[Diagnosis, dict[str, Any]]:

@@ -108,6 +108,9 @@ def report_skips_to(optimizer: Any, guard: Guard) -> None:
         return result
 
     step._nanguard = guard  # type: ignore[attr-defined]
+    step.__wrapped__ = original  # type: ignore[attr-defined]
+    if getattr(original, "_wrapped_by_lr_sched", False):
+        step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]  # what an LR scheduler checks for
     optimizer.step = types.MethodType(step, optimizer)
 
 
@@ -136,5 +139,10 @@ def release(accelerator: Any | None, optimizer: Any) -> None:
     clip = getattr(accelerator, "clip_grad_norm_", None) if accelerator is not None else None
     if getattr(clip, "_nanguard", None) is not None:
         accelerator.clip_grad_norm_ = clip.__wrapped__  # type: ignore[union-attr]
-    if is_accelerated_optimizer(optimizer) and getattr(getattr(optimizer.step, "__func__", None), "_nanguard", None) is not None:
-        del optimizer.step
+    ours = getattr(optimizer.step, "__func__", None)
+    if is_accelerated_optimizer(optimizer) and getattr(ours, "_nanguard", None) is not None:
+        original = ours.__wrapped__  # type: ignore[union-attr]
+        if getattr(original, "__func__", None) is type(optimizer).step:
+            del optimizer.step
+        else:
+            optimizer.step = original  # e.g. the LR scheduler's step-counting wrapper

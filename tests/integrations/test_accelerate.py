@@ -1,0 +1,112 @@
+"""Accelerate: prepared model/optimizer/scheduler, gradient accumulation, bf16 autocast on CPU, clip_grad_norm_."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+accelerate = pytest.importorskip("accelerate")
+
+from nanguard.integrations.accelerate import guard_accelerator  # noqa: E402
+from tests.conftest import read_events  # noqa: E402
+
+MICRO = 2
+REAL_STEPS = 10
+BATCH = 8
+BAD_STEP = 4
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def loader(bad_micro_batch: int | None) -> torch.utils.data.DataLoader:
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(REAL_STEPS * MICRO * BATCH, 8, generator=gen)
+    y = x[:, :4].argmax(1)
+    if bad_micro_batch is not None:
+        x[bad_micro_batch * BATCH + 3, 0] = float("inf")
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH)
+
+
+def history(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "history.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_accumulation_bf16_skip_holds_scheduler_and_counts_real_steps(tmp_path: Path) -> None:
+    accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=MICRO, mixed_precision="bf16")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.9 ** s)
+    bad_micro = BAD_STEP * MICRO + 1
+    model_p, optimizer_p, loader_p, scheduler_p = accelerator.prepare(model, optimizer, loader(bad_micro), scheduler)
+
+    guard = guard_accelerator(accelerator, model_p, optimizer_p, scheduler=scheduler_p, out_dir=tmp_path / "run",
+                              console=False, report=False)
+    assert guard.optimizer is optimizer and guard.models == [model]
+    micro_losses: list[float] = []
+    clip_norms: list[float] = []
+    skipped_flags: list[bool] = []
+    with guard:
+        for x, y in loader_p:
+            with accelerator.accumulate(model_p):
+                loss = F.cross_entropy(model_p(x), y)
+                micro_losses.append(float(loss.detach()))
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    clip_norms.append(float(accelerator.clip_grad_norm_(model_p.parameters(), 100.0)))
+                optimizer_p.step()
+                scheduler_p.step()
+                optimizer_p.zero_grad()
+                if accelerator.sync_gradients:
+                    skipped_flags.append(accelerator.optimizer_step_was_skipped)
+
+    rows = history(tmp_path / "run")
+    assert [int(r["step"]) for r in rows] == list(range(REAL_STEPS))  # real optimizer steps, not micro-steps
+    events = read_events(tmp_path / "run")
+    assert [(e["step"], e["trigger"], e["action"]) for e in events] == [(BAD_STEP, "nonfinite_loss", "skip")]
+    assert events[0]["diagnosis"]["cause"] == "input_nonfinite"
+    assert skipped_flags == [step == BAD_STEP for step in range(REAL_STEPS)]
+    assert scheduler.last_epoch == REAL_STEPS - 1  # one scheduler step held back
+    for step, row in enumerate(rows):
+        accumulated = sum(micro_losses[step * MICRO:(step + 1) * MICRO]) / MICRO
+        if step != BAD_STEP:
+            assert float(row["loss"]) == pytest.approx(accumulated, rel=1e-5)
+            assert float(row["grad_norm"]) == pytest.approx(clip_norms[step], rel=1e-5)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    # Closing the guard took the patches out again.
+    assert not hasattr(optimizer_p.step, "_nanguard") and not hasattr(accelerator.clip_grad_norm_, "_nanguard")
+
+
+def test_unprepared_scheduler_is_held_by_the_guard(tmp_path: Path) -> None:
+    accelerator = accelerate.Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = nn.Linear(8, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    model_p, optimizer_p, loader_p = accelerator.prepare(model, optimizer, loader(bad_micro_batch=3))
+    with guard_accelerator(accelerator, model_p, optimizer_p, scheduler=scheduler, out_dir=tmp_path / "run",
+                           console=False, report=False):
+        for step, (x, y) in enumerate(loader_p):
+            if step == 6:
+                break
+            accelerator.backward(F.cross_entropy(model_p(x), y))
+            optimizer_p.step()
+            scheduler.step()
+            optimizer_p.zero_grad()
+    assert [e["step"] for e in read_events(tmp_path / "run")] == [3]
+    assert scheduler.last_epoch == 5

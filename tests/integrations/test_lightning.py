@@ -1,0 +1,155 @@
+"""Lightning (both ``lightning.pytorch`` and ``pytorch_lightning``): a real Trainer on CPU, a NaN batch at a known step."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanguard import Guard
+from tests.conftest import read_events
+
+STEPS = 16
+BATCH = 8
+BAD_STEP = 6
+
+
+def dataset(bad_step: int | None) -> torch.utils.data.TensorDataset:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(STEPS * BATCH, 8, generator=gen)
+    y = x[:, :4].argmax(1)
+    if bad_step is not None:
+        x[bad_step * BATCH + 2, 1] = float("nan")
+    return torch.utils.data.TensorDataset(x, y)
+
+
+def make_module(pl: object) -> object:
+    class Classifier(pl.LightningModule):  # type: ignore[name-defined,misc]
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+            self.training_steps = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            self.training_steps += 1
+            x, y = batch
+            return F.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):  # type: ignore[no-untyped-def]
+            optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.97)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    return Classifier()
+
+
+def plain_loop_events(tmp_path: Path, pl: object) -> list[dict]:
+    module = make_module(pl)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    loader = torch.utils.data.DataLoader(dataset(BAD_STEP), batch_size=BATCH)
+    with Guard(module, optimizer, out_dir=tmp_path / "plain", console=False, report=False):
+        for x, y in loader:
+            F.cross_entropy(module(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return read_events(tmp_path / "plain")
+
+
+def fit(tmp_path: Path, pl: object, callback: object, module: object, **trainer_args: object) -> object:
+    trainer = pl.Trainer(  # type: ignore[attr-defined]
+        accelerator="cpu", devices=1, max_steps=STEPS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=str(tmp_path / "pl"), callbacks=[callback], **trainer_args,
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(dataset(BAD_STEP), batch_size=BATCH))
+    return trainer
+
+
+@pytest.mark.parametrize(("package", "class_name"), [("lightning.pytorch", "NanguardCallback"),
+                                                      ("pytorch_lightning", "PLNanguardCallback")])
+def test_lightning_trainer_skips_the_nan_step_like_the_plain_loop(tmp_path: Path, package: str, class_name: str) -> None:
+    pl = pytest.importorskip(package)
+    lightning_integration = importlib.import_module("nanguard.integrations.lightning")
+    callback = getattr(lightning_integration, class_name)(console=False, report=False)
+    module = make_module(pl)
+    trainer = fit(tmp_path, pl, callback, module)
+
+    events = read_events(tmp_path / "pl" / "nanguard")
+    expected = plain_loop_events(tmp_path, pl)
+    assert [(e["step"], e["trigger"], e["action"]) for e in events] == [(BAD_STEP, "nonfinite_loss", "skip")]
+    assert [(e["step"], e["trigger"], e["action"]) for e in events] == [(e["step"], e["trigger"], e["action"]) for e in expected]
+    assert events[0]["diagnosis"]["cause"] == expected[0]["diagnosis"]["cause"] == "input_nonfinite"
+    assert all(bool(torch.isfinite(p).all()) for p in module.parameters())
+    # The closure ran once per step; forensics replays do not go through training_step's counter twice per step
+    # except on the one bad step.
+    assert STEPS <= module.training_steps <= STEPS + 3
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.last_epoch == STEPS - 1
+    rows = (tmp_path / "pl" / "nanguard" / "history.csv").read_text().splitlines()[1:]
+    assert len(rows) == STEPS and rows[BAD_STEP].split(",")[7] == "skip"
+    assert callback.guard is None  # closed at the end of fit
+    assert not hasattr(trainer.optimizers[0].step, "_nanguard")
+
+
+def test_lightning_closure_runs_once_per_step_and_accumulation_counts_real_steps(tmp_path: Path) -> None:
+    pl = pytest.importorskip("lightning.pytorch")
+    from nanguard.integrations.lightning import nanguard_callback
+
+    module = make_module(pl)
+    calls: list[int] = []
+    original = module.training_step
+
+    def counting_step(batch, batch_idx):  # type: ignore[no-untyped-def]
+        calls.append(batch_idx)
+        return original(batch, batch_idx)
+
+    module.training_step = counting_step
+    callback = nanguard_callback(module, console=False, report=False, forensics=False)
+    fit(tmp_path, pl, callback, module, accumulate_grad_batches=2, max_epochs=1)
+    # 16 batches, 2 per optimizer step: 8 guarded steps, every batch's training_step ran exactly once.
+    assert sorted(calls) == list(range(STEPS))
+    rows = (tmp_path / "pl" / "nanguard" / "history.csv").read_text().splitlines()[1:]
+    assert len(rows) == STEPS // 2
+    events = read_events(tmp_path / "pl" / "nanguard")
+    assert [(e["step"], e["action"]) for e in events] == [(BAD_STEP // 2, "skip")]
+
+
+def test_manual_optimization_is_guarded(tmp_path: Path) -> None:
+    pl = pytest.importorskip("lightning.pytorch")
+    from nanguard.integrations.lightning import NanguardCallback
+
+    class Manual(make_module(pl).__class__):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            optimizer = self.optimizers()
+            x, y = batch
+            loss = F.cross_entropy(self(x), y)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+            return loss
+
+    module = Manual()
+    fit(tmp_path, pl, NanguardCallback(console=False, report=False), module)
+    events = read_events(tmp_path / "pl" / "nanguard")
+    assert [(e["step"], e["trigger"], e["action"]) for e in events] == [(BAD_STEP, "nonfinite_loss", "skip")]
+    assert events[0]["diagnosis"]["cause"] == "input_nonfinite"
+    assert all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
+def test_nanguard_callback_refuses_other_objects() -> None:
+    from nanguard.errors import UsageError
+    from nanguard.integrations.lightning import nanguard_callback
+
+    with pytest.raises(UsageError, match="Lightning"):
+        nanguard_callback(object())
