@@ -126,8 +126,9 @@ class Guard:
         spikes = self.config.spikes
         stats_args = {"alpha": spikes.ema_alpha, "warmup": spikes.warmup_steps, "clip_z": spikes.clip_z,
                       "peak_ratio": spikes.peak_ratio, "peak_decay": spikes.peak_decay}
-        self.loss_stats = RunningStats(**stats_args)  # type: ignore[arg-type]
-        self.grad_stats = RunningStats(**stats_args)  # type: ignore[arg-type]
+        # Loss and grad norm side by side in one 2-vector: index 0 is the loss, 1 the gradient norm.
+        self.stats = RunningStats(size=2, **stats_args)  # type: ignore[arg-type]
+        self._spike_ratios = torch.tensor([spikes.loss_ratio, spikes.grad_ratio])
         self.loss_history: deque[float] = deque(maxlen=max(256, self.config.divergence_window))
         self.grad_history: deque[float] = deque(maxlen=256)
         # Per batch field: (step, abs-max) of recent batches; the event's own batch is left out when judging it.
@@ -405,8 +406,9 @@ class Guard:
         params = self._params()
         grads = grads_of(params)
         device = grads[0].device if grads else (params[0].device if params else torch.device("cpu"))
-        self.loss_stats.to(device)
-        self.grad_stats.to(device)
+        self.stats.to(device)
+        if self._spike_ratios.device != device:
+            self._spike_ratios = self._spike_ratios.to(device)
         grad_scale = getattr(self.optimizer, "grad_scale", None)
         scaler_found_inf = getattr(self.optimizer, "found_inf", None)
 
@@ -416,38 +418,48 @@ class Guard:
             norm = total_norm(grads, device)
         if grad_scale is not None:
             norm = norm / grad_scale.float().to(device)
-        loss = self._pending_loss.to(device) if self._pending_loss is not None else torch.zeros((), device=device)
         has_loss = self._pending_loss is not None
-
-        loss_bad = ~torch.isfinite(loss)
-        grad_bad = ~torch.isfinite(norm)
+        loss = self._pending_loss.to(device) if self._pending_loss is not None else torch.zeros((), device=device)
+        signal = torch.stack([loss.float().reshape(()), norm.reshape(())])  # [loss, grad norm]
+        nonfinite = ~torch.isfinite(signal)
+        loss_bad, grad_bad = nonfinite[0], nonfinite[1]
+        false = torch.zeros((), dtype=torch.bool, device=device)
         check_weights = cfg.check_weights_every and step % cfg.check_weights_every == 0
-        weights_bad = ~all_finite(params, device) if check_weights and params else torch.zeros((), dtype=torch.bool, device=device)
+        weights_bad = ~all_finite(params, device) if check_weights and params else false
         spikes_on = cfg.spikes.enabled
-        loss_spike = self.loss_stats.is_spike(loss, cfg.spikes.skip_z, cfg.spikes.loss_ratio) if spikes_on and has_loss else torch.zeros((), dtype=torch.bool, device=device)
-        grad_spike = self.grad_stats.is_spike(norm, cfg.spikes.skip_z, cfg.spikes.grad_ratio) if spikes_on else torch.zeros((), dtype=torch.bool, device=device)
+        if spikes_on:
+            spike = self.stats.is_spike(signal, cfg.spikes.skip_z, self._spike_ratios)
+            loss_spike = spike[0] if has_loss else false
+            grad_spike = spike[1]
+        else:
+            loss_spike = grad_spike = false
         if self.scaler_enabled:
             scaler_overflow = grad_bad & ~loss_bad
             if scaler_found_inf is not None:
                 scaler_overflow = scaler_overflow | (scaler_found_inf.to(device) > 0)
         else:
-            scaler_overflow = torch.zeros((), dtype=torch.bool, device=device)
+            scaler_overflow = false
         bad = loss_bad | (grad_bad & ~scaler_overflow) | weights_bad | loss_spike | grad_spike
 
-        coef = torch.ones((), device=device)
+        one = torch.ones((), device=device)
+        coef = one
         if cfg.clip_grad_norm is not None:
             coef = torch.clamp(cfg.clip_grad_norm / (norm + 1e-6), max=1.0)
         if spikes_on and cfg.spikes.adaptive_clip:
-            adaptive = torch.where(self.grad_stats.warm(), self.grad_stats.clip_value() / (norm + 1e-12), torch.ones((), device=device))
-            coef = torch.minimum(coef, torch.clamp(adaptive, max=1.0))
-        coef = torch.where(torch.isfinite(norm), coef, torch.ones((), device=device))
+            limit = torch.where(self.stats.warm()[1], self.stats.clip_value()[1], torch.full((), float("inf"), device=device))
+            coef = torch.minimum(coef, torch.clamp(limit / (norm + 1e-12), max=1.0))
+        if coef is not one:
+            coef = torch.where(grad_bad, one, coef)
         clipped = coef < 1.0
 
-        loss_scale = self.scaler._scale.float().reshape(()).to(device) if self.scaler_enabled and getattr(self.scaler, "_scale", None) is not None else torch.zeros((), device=device)
-        flags = torch.stack([
-            loss.float(), norm.float(), loss_bad.float(), grad_bad.float(), weights_bad.float(), loss_spike.float(),
-            grad_spike.float(), clipped.float(), scaler_overflow.float(), bad.float(), torch.zeros((), device=device), loss_scale,
-            torch.full((), float(has_loss), device=device),
+        if self.scaler_enabled and getattr(self.scaler, "_scale", None) is not None:
+            loss_scale = self.scaler._scale.float().reshape(()).to(device)
+        else:
+            loss_scale = torch.zeros((), device=device)
+        flags = torch.cat([
+            signal,
+            torch.stack([loss_bad, grad_bad, weights_bad, loss_spike, grad_spike, clipped, scaler_overflow, bad, false]).float(),
+            torch.stack([loss_scale, torch.full((), float(has_loss), device=device)]),
         ])
         per_rank = dist_utils.gather_flags(flags)
         if per_rank.shape[0] > 1:
@@ -480,10 +492,9 @@ class Guard:
         return float(lr) * self.policy.lr_multiplier if lr is not None else None
 
     def _update_stats(self, flags: torch.Tensor, accept: torch.Tensor) -> None:
-        if self._pending_loss is not None:
-            self.loss_stats.update(flags[F_LOSS], accept)
-
-        self.grad_stats.update(flags[F_NORM], accept & ~(flags[F_SCALER_OVERFLOW] > 0))
+        # Loss statistics learn only from steps that had a loss; gradient statistics not from scaler overflows.
+        gates = torch.stack([flags[F_HAS_LOSS] > 0, ~(flags[F_SCALER_OVERFLOW] > 0)])
+        self.stats.update(flags[F_LOSS:F_NORM + 1], accept & gates)
 
     def _sync_step(self, step: int, original_step: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                    flags: torch.Tensor, coef: torch.Tensor, grads: list[torch.Tensor], params: list[torch.Tensor], device: torch.device) -> Any:
@@ -717,7 +728,7 @@ class Guard:
         return "nonfinite_grad"
 
     def _spike_summary(self) -> dict[str, float]:
-        loss, grad = self.loss_stats.host_summary(), self.grad_stats.host_summary()
+        loss, grad = self.stats.host_summary(0), self.stats.host_summary(1)
         return {"loss_mean": loss["mean"], "loss_std": loss["std"], "loss_peak": loss["peak"], "grad_mean": grad["mean"],
                 "grad_std": grad["std"], "grad_peak": grad["peak"], "warm_steps": loss["count"]}
 
@@ -820,7 +831,7 @@ class Guard:
         except Exception:  # a replay that cannot run proves nothing either way
             return False, None
         then = refs[2]
-        std = self.loss_stats.host_summary()["std"]
+        std = self.stats.host_summary(0)["std"]
         damaged = not math.isfinite(now_value) or (
             then > 0 and now_value > self.config.spikes.loss_ratio * then and now_value - then > 3 * std
         )
@@ -845,7 +856,7 @@ class Guard:
     # ------------------------------------------------------------------ actions
     def _take_snapshot(self) -> None:
         self.snapshots.take(self.step_count, self.models, self.optimizer, self.scaler if self.scaler_enabled else None,
-                            None, extra={"loss_stats": self.loss_stats.state_dict(), "grad_stats": self.grad_stats.state_dict()})
+                            None, extra={"stats": self.stats.state_dict()})
 
     def _rollback(self) -> int | None:
         """Restore the newest trustworthy snapshot.

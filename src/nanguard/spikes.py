@@ -17,19 +17,23 @@ import torch
 
 
 class RunningStats:
+    """Statistics of one or several signals at once (the guard keeps loss and grad norm in one 2-vector,
+    so a step costs the same handful of small kernels whatever it watches)."""
+
     def __init__(
         self, *, alpha: float, warmup: int, clip_z: float, peak_ratio: float = 3.0, peak_decay: float = 0.995,
-        device: torch.device | str = "cpu",
+        size: int | tuple[int, ...] = (), device: torch.device | str = "cpu",
     ) -> None:
         self.alpha = alpha
         self.warmup = warmup
         self.clip_z = clip_z
         self.peak_ratio = peak_ratio
         self.peak_decay = peak_decay
-        self.mean = torch.zeros((), dtype=torch.float32, device=device)
-        self.var = torch.zeros((), dtype=torch.float32, device=device)
-        self.count = torch.zeros((), dtype=torch.float32, device=device)
-        self.peak = torch.zeros((), dtype=torch.float32, device=device)
+        shape = (size,) if isinstance(size, int) else size
+        self.mean = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.var = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.count = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.peak = torch.zeros(shape, dtype=torch.float32, device=device)
 
     def to(self, device: torch.device) -> RunningStats:
         if self.mean.device != device:
@@ -50,10 +54,13 @@ class RunningStats:
         """How far above the mean ``x`` is, in units of |mean| (1.0 means twice a positive mean)."""
         return (x.float() - self.mean) / (self.mean.abs() + 1e-12)
 
-    def is_spike(self, x: torch.Tensor, z: float, ratio: float) -> torch.Tensor:
+    def is_spike(self, x: torch.Tensor, z: float, ratio: float | torch.Tensor) -> torch.Tensor:
         x = x.float()
-        above_peak = x > self.peak_ratio * self.peak if self.peak_ratio > 0 else torch.ones_like(self.warm())
-        return self.warm() & torch.isfinite(x) & (self.zscore(x) > z) & (self.excess_ratio(x) > ratio - 1.0) & above_peak
+        excess = x - self.mean
+        spike = self.warm() & torch.isfinite(x) & (excess > z * self.std()) & (excess > (ratio - 1.0) * (self.mean.abs() + 1e-12))
+        if self.peak_ratio > 0:
+            spike = spike & (x > self.peak_ratio * self.peak)
+        return spike
 
     def clip_value(self) -> torch.Tensor:
         return self.mean + self.clip_z * self.std()
@@ -61,15 +68,14 @@ class RunningStats:
     def update(self, x: torch.Tensor, accept: torch.Tensor) -> None:
         x = x.float()
         accept = accept & torch.isfinite(x)
-        clipped = torch.where(self.warm(), torch.minimum(x, self.clip_value()), x)
-        clipped = torch.where(accept, clipped, self.mean)
+        warm = self.warm()
+        clipped = torch.where(warm, torch.minimum(x, self.clip_value()), x)
         # Cumulative average while warming up, then a fixed-alpha EMA.
         a = torch.clamp(self.count / (self.count + 1.0), max=self.alpha)
-        delta = clipped - self.mean
-        new_mean = self.mean + (1.0 - a) * delta
-        new_var = a * (self.var + (1.0 - a) * delta * delta)
-        self.mean = torch.where(accept, new_mean, self.mean)
-        self.var = torch.where(accept, new_var, self.var)
+        delta = torch.where(accept, clipped - self.mean, torch.zeros_like(x))
+        step = torch.where(accept, 1.0 - a, torch.zeros_like(a))
+        self.mean = self.mean + step * delta
+        self.var = torch.where(accept, a * (self.var + (1.0 - a) * delta * delta), self.var)
         self.count = self.count + accept.float()
         # The peak follows |x| (losses can be negative) and forgets slowly, so old highs stop counting.
         self.peak = torch.where(accept, torch.maximum(self.peak * self.peak_decay, x.abs()), self.peak)
@@ -80,6 +86,8 @@ class RunningStats:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.mean, self.var, self.count, self.peak = (state[k].to(self.mean.device) for k in ("mean", "var", "count", "peak"))
 
-    def host_summary(self) -> dict[str, float]:
+    def host_summary(self, index: int | None = None) -> dict[str, float]:
         """Read the statistics (event path only: this synchronises)."""
-        return {"mean": float(self.mean), "std": float(self.std()), "count": float(self.count), "peak": float(self.peak)}
+        pick = (lambda t: t) if index is None else (lambda t: t[index])
+        return {"mean": float(pick(self.mean)), "std": float(pick(self.std())), "count": float(pick(self.count)),
+                "peak": float(pick(self.peak))}
