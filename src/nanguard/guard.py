@@ -984,7 +984,7 @@ def _preserved(models: Sequence[torch.nn.Module], params: Sequence[torch.Tensor]
         yield
     finally:
         with torch.no_grad():
-            for p, g in zip(params, grads):
+            for p, g in zip(params, grads, strict=True):
                 p.grad = g
             for live, saved in buffers:
                 live.copy_(saved)
