@@ -11,6 +11,7 @@ import os
 import platform
 import statistics
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -24,6 +25,24 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def source_revision() -> str | None:
+    """The repository commit the benchmark ran on, and whether ``src/`` had uncommitted changes.
+
+    Read-only: ``--no-optional-locks`` keeps ``git status`` from refreshing the index.
+    """
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "--no-optional-locks", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "--no-optional-locks", "-C", str(root), "status", "--porcelain", "--", "src"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + (" + uncommitted changes in src/" if dirty else "")
 
 
 def load_average() -> list[float] | None:
@@ -50,6 +69,7 @@ def machine_info() -> dict[str, Any]:
         "cuda": None,
     }
     info["load_average"] = load_average()
+    info["revision"] = source_revision()
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
@@ -78,6 +98,7 @@ def describe_machine(info: dict[str, Any]) -> str:
         f"- Python {info['python']}, torch {info['torch']}, nanguard {info.get('nanguard')}, "
         f"transformers {info.get('transformers') or 'not installed'}",
         f"- platform: {info['platform']}",
+        f"- source: {info.get('revision') or 'not a git checkout'}",
     ]
     if info.get("load_average"):
         start = info.get("load_average_start")

@@ -23,7 +23,8 @@ Variants:
 * ``DebugUnderflowOverflow`` -- ``transformers.debug_utils.DebugUnderflowOverflow(model)`` (if installed).
 
 Also measured: peak memory per variant (CUDA ``max_memory_allocated`` on a GPU; on a CPU the peak RSS growth
-of a forked child that builds and trains one variant alone), the cost of one rollback snapshot
+of a forked child that builds and trains one variant alone), the time inside ``optimizer.step()`` alone
+(where the guard does its work, resolved far below whole-step noise), the cost of one rollback snapshot
 (``Guard._take_snapshot``) amortised over each preset's ``snapshot_every``, and the time one forensic
 replay adds to the step where a NaN appears. Prints Markdown; ``--json PATH`` also writes the numbers.
 This script asserts nothing about speed.
@@ -166,9 +167,11 @@ class Settings:
     guard_warmup: int
     memory_steps: int
     snapshot_repeats: int
+    step_call_samples: int
     replay_faults: int
     replay_normal_steps: int
     quick: bool
+    optimizers: tuple[str, ...] = tuple(OPTIMIZERS)
     seed: int = 0
 
     def autocast(self) -> Any:
@@ -364,7 +367,7 @@ def time_block(run: Run, batches: list[Batch], steps: int) -> float:
 def timing_pass(settings: Settings, variants: list[str], out_root: Path) -> list[Run]:
     base = build_model(settings)
     batches = make_batches(settings)
-    runs = [build_run(v, kind, settings, out_root, copy.deepcopy(base)) for kind in OPTIMIZERS for v in variants]
+    runs = [build_run(v, kind, settings, out_root, copy.deepcopy(base)) for kind in settings.optimizers for v in variants]
     del base
     for run in runs:
         run_steps(run, batches, settings.guard_warmup if run.guard is not None else settings.warmup)
@@ -376,9 +379,43 @@ def timing_pass(settings: Settings, variants: list[str], out_root: Path) -> list
     return runs
 
 
+def step_call_rows(runs: list[Run], settings: Settings) -> list[dict[str, Any]]:
+    """Time the ``optimizer.step()`` call alone, guarded and unguarded, one call at a time in rotation.
+
+    The guard does nearly all its work inside that call, so the difference resolves its cost far below the
+    noise of whole-step ratios. Its forward pre-hook (one abs-max per float batch input) and ``backward``
+    hook are not inside the call and not counted here; the whole-step tables count them.
+    """
+    batches = make_batches(settings)
+    chosen = [r for r in runs if r.variant == UNGUARDED or r.guard is not None]
+    seconds: dict[int, list[float]] = {id(r): [] for r in chosen}
+    for sample in range(settings.step_call_samples):
+        shift = sample % len(chosen)
+        for run in chosen[shift:] + chosen[:shift]:
+            with listening(run.guard):
+                run.optimizer.zero_grad(set_to_none=True)
+                with settings.autocast():
+                    loss = run.model(*run.next_batch(batches))
+                loss.backward()
+                sync(settings.device)
+                started = time.perf_counter()
+                run.optimizer.step()
+                sync(settings.device)
+                seconds[id(run)].append(time.perf_counter() - started)
+    rows = []
+    for kind in settings.optimizers:
+        reference = next(r for r in chosen if r.optimizer_kind == kind and r.variant == UNGUARDED)
+        base_ms = 1e3 * median(seconds[id(reference)])
+        for run in (r for r in chosen if r.optimizer_kind == kind):
+            call_ms = 1e3 * median(seconds[id(run)])
+            rows.append({"variant": run.variant, "optimizer": kind, "step_call_ms": call_ms, "added_ms": call_ms - base_ms,
+                         "samples": len(seconds[id(run)])})
+    return rows
+
+
 def timing_rows(runs: list[Run]) -> list[dict[str, Any]]:
     rows = []
-    for kind in OPTIMIZERS:
+    for kind in runs[0].settings.optimizers:
         reference = next(r for r in runs if r.optimizer_kind == kind and r.variant == UNGUARDED)
         for run in (r for r in runs if r.optimizer_kind == kind):
             ratios = [a / b for a, b in zip(run.block_seconds, reference.block_seconds, strict=True)]
@@ -454,7 +491,7 @@ def memory_pass(settings: Settings, variants: list[str], out_root: Path) -> tupl
     if settings.device == "cuda":
         method = ("CUDA max_memory_allocated while one variant alone builds its model and optimizer and trains "
                   f"2 + {settings.memory_steps} steps (snapshots live in host memory and are not counted here)")
-        for kind in OPTIMIZERS:
+        for kind in settings.optimizers:
             for variant in variants:
                 gc.collect()
                 torch.cuda.empty_cache()
@@ -482,14 +519,14 @@ def memory_pass(settings: Settings, variants: list[str], out_root: Path) -> tupl
     torch.set_num_threads(1)
     try:
         warm = replace(settings, shape=WARMUP_SHAPE)
-        for kind in OPTIMIZERS:
+        for kind in settings.optimizers:
             for variant in variants:
                 run = build_run(variant, kind, warm, out_root / "warmup")
                 train_for_memory(run, warm, 1)
                 run.close()
         del run
         gc.collect()
-        for kind in OPTIMIZERS:
+        for kind in settings.optimizers:
             for variant in variants:
                 results[(variant, kind)] = _in_fork(functools.partial(_cpu_child_peak, variant, kind, settings, out_root))
     finally:
@@ -516,7 +553,7 @@ def snapshot_rows(runs: list[Run], timing: list[dict[str, Any]], settings: Setti
     from nanguard.config import PRESETS, GuardConfig
 
     rows = []
-    for kind in OPTIMIZERS:
+    for kind in settings.optimizers:
         run = next(r for r in runs if r.optimizer_kind == kind and r.variant == "nanguard safe (default)")
         step_ms = next(t["median_ms"] for t in timing if t["optimizer"] == kind and t["variant"] == UNGUARDED)
         seconds = []
@@ -618,12 +655,14 @@ def format_report(result: dict[str, Any]) -> str:
         f"Model: GPT-style decoder, {shape['layers']} layers, width {shape['width']}, {shape['heads']} heads, vocab "
         f"{shape['vocab']}, sequence {shape['seq']}, batch {shape['batch']}, "
         f"{'bf16 autocast' if settings['bf16'] else 'fp32'}, {result['parameters'] / 1e6:.2f} M parameters, AdamW lr {settings['lr']}. "
-        f"Warm-up {settings['warmup']} steps ({settings['guard_warmup']} for guarded variants, past the spike warm-up), "
+        f"Warm-up {settings['warmup']} steps ({settings['guard_warmup']} for guarded variants"
+        f"{', past the spike warm-up' if not settings['quick'] else ''}), "
         f"then {settings['rounds']} rounds x {settings['block']} steps per variant, interleaved.",
     ]
     if settings["quick"]:
         out += ["", "**--quick: a smoke run with a few steps; these numbers are not measurements.**"]
-    for kind, label in OPTIMIZERS.items():
+    for kind in settings["optimizers"]:
+        label = OPTIMIZERS[kind]
         rows = []
         for row in (r for r in result["timing"] if r["optimizer"] == kind):
             mem = memory.get((row["variant"], kind), {})
@@ -642,6 +681,17 @@ def format_report(result: dict[str, Any]) -> str:
     errors = [m for m in result["memory"]["rows"] if "error" in m]
     for m in errors:
         out.append(f"Memory of {m['variant']} / {m['optimizer']} failed: {m['error']}")
+
+    unguarded_ms = {(r["optimizer"]): r["median_ms"] for r in result["timing"] if r["variant"] == UNGUARDED}
+    call_rows = [[OPTIMIZERS[r["optimizer"]], r["variant"], f"{r['step_call_ms']:.3f}",
+                  "" if r["variant"] == UNGUARDED else f"{r['added_ms']:+.3f}",
+                  "" if r["variant"] == UNGUARDED else f"{100 * r['added_ms'] / unguarded_ms[r['optimizer']]:+.2f}%"]
+                 for r in result["step_calls"]]
+    out += ["", "## Time inside optimizer.step()", "",
+            markdown_table(["optimizer", "variant", "optimizer.step() ms (median)", "added ms", "added / unguarded step"], call_rows),
+            "", "Each sample: an untimed forward and backward, then `optimizer.step()` alone with a device sync on both sides; "
+            "variants in rotation, one call at a time. The guard's forward pre-hook and `backward` hook run outside the "
+            "call and are not counted here; on a GPU the call's host time can overlap the device's work."]
 
     snap_rows = []
     for row in result["snapshots"]:
@@ -671,6 +721,50 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+# ---------------------------------------------------------------------------------------------- preflight
+def count_parameters(shape: Shape) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in GPT(shape).parameters())
+
+
+def estimate_gb(settings: Settings, variants: list[str]) -> tuple[float, float]:
+    """Rough resident need of the timing pass, (device GB, host GB): every run keeps fp32 weights, gradients
+    and two AdamW moments (16 bytes a parameter); every guard a ring of snapshots of weights and moments (12
+    bytes a parameter each) in host memory. Activations of one step come on top."""
+    from nanguard.config import GuardConfig
+
+    params = count_parameters(settings.shape)
+    kinds = len(settings.optimizers)
+    runs = len(variants) * kinds
+    slots = kinds * sum(GuardConfig.preset(GUARD_PRESETS[v]).snapshot_keep for v in variants if v in GUARD_PRESETS)
+    return runs * 16 * params / 1e9, slots * 12 * params / 1e9
+
+
+def available_host_gb() -> float | None:
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return None
+
+
+def memory_problem(settings: Settings, variants: list[str]) -> str | None:
+    """Why this configuration would not fit in memory, or None. Better a clear refusal than the OOM killer."""
+    device_gb, host_gb = estimate_gb(settings, variants)
+    needs = [("host", host_gb + (device_gb if settings.device == "cpu" else 0.0), available_host_gb())]
+    if settings.device == "cuda":
+        needs.append(("GPU", device_gb, torch.cuda.mem_get_info()[0] / 1e9))
+    for where, need, have in needs:
+        if have is not None and need > 0.8 * have:
+            return (f"this run needs about {need:.1f} GB of {where} memory ({len(variants)} variants x "
+                    f"{len(settings.optimizers)} optimizers, each with its own model and AdamW state, plus guard "
+                    f"snapshots) and {have:.1f} GB is available: use --optimizer fused, fewer --layers, or a bigger machine")
+    return None
+
+
 # ---------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -684,9 +778,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq", type=int, help="override the shape's sequence length")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: 1 for --shape small on a CPU, where "
                         "more threads only add OpenMP contention; torch's choice otherwise)")
+    parser.add_argument("--optimizer", choices=["both", *OPTIMIZERS], default="both",
+                        help="AdamW kinds to measure (default both; one halves the memory the script needs)")
+    parser.add_argument("--layers", type=int, help="override the shape's number of layers")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     args = parser.parse_args(argv)
-    for name in ("rounds", "block", "batch", "seq", "threads"):
+    for name in ("rounds", "block", "batch", "seq", "threads", "layers"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be >= 1, got {value}")
@@ -700,7 +797,7 @@ def make_settings(args: argparse.Namespace) -> Settings:
     cuda = torch.cuda.is_available()
     shape = SHAPES[args.shape]
     overrides: dict[str, int] = dict(GPT2_ON_CPU) if args.shape == "gpt2" and not cuda else {}
-    overrides.update({k: v for k, v in (("seq", args.seq), ("batch", args.batch)) if v is not None})
+    overrides.update({k: v for k, v in (("seq", args.seq), ("batch", args.batch), ("layers", args.layers)) if v is not None})
     shape = Shape(**{**asdict(shape), **overrides})
     from nanguard.config import GuardConfig
 
@@ -711,8 +808,8 @@ def make_settings(args: argparse.Namespace) -> Settings:
         shape_name=args.shape, shape=shape, device="cuda" if cuda else "cpu", bf16=big and cuda, lr=3e-4 if big else 1e-3,
         rounds=args.rounds or (2 if quick else 7), block=args.block or (2 if quick else 5 if big else 4),
         warmup=2 if quick else 3, guard_warmup=2 if quick else guard_warmup, memory_steps=2 if quick else 5,
-        snapshot_repeats=2 if quick else 7, replay_faults=1 if quick else 3, replay_normal_steps=2 if quick else 5,
-        quick=quick,
+        snapshot_repeats=2 if quick else 7, step_call_samples=2 if quick else 20, replay_faults=1 if quick else 3, replay_normal_steps=2 if quick else 5,
+        quick=quick, optimizers=tuple(OPTIMIZERS) if args.optimizer == "both" else (args.optimizer,),
     )
 
 
@@ -725,6 +822,10 @@ def main(argv: list[str] | None = None) -> int:
     load_at_start = load_average()
     warnings.filterwarnings("ignore", message=".*[Aa]nomaly [Dd]etection.*")
     variants = variants_to_run()
+    problem = memory_problem(settings, variants)
+    if problem is not None:
+        print(f"overhead.py: error: {problem}", file=sys.stderr)
+        return 2
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__), *(sys.argv[1:] if argv is None else argv)])
     with tempfile.TemporaryDirectory(prefix="nanguard-bench-") as tmp:
         out_root = Path(tmp)
@@ -734,9 +835,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             progress("peak memory, one variant at a time")
             memory, memory_method = memory_pass(settings, variants, out_root)  # first: it forks on a CPU
-        progress(f"timing {len(variants)} variants x {len(OPTIMIZERS)} optimizers, interleaved")
+        progress(f"timing {len(variants)} variants x {len(settings.optimizers)} optimizers, interleaved")
         runs = timing_pass(settings, variants, out_root)
         timing = timing_rows(runs)
+        progress("optimizer.step() alone")
+        step_calls = step_call_rows(runs, settings)
         progress("snapshot refresh")
         snapshots = snapshot_rows(runs, timing, settings)
         parameters = sum(p.numel() for p in runs[0].model.parameters())
@@ -745,13 +848,13 @@ def main(argv: list[str] | None = None) -> int:
         del runs
         gc.collect()
         progress("forensic replay")
-        replay = [replay_row(kind, settings, out_root) for kind in OPTIMIZERS]
+        replay = [replay_row(kind, settings, out_root) for kind in settings.optimizers]
         progress("done")
     result = {
         "command": command, "machine": {**machine_info(), "load_average_start": load_at_start}, "parameters": parameters,
         "settings": {**asdict(settings), "variants": variants,
                      "skipped_variants": [v for v in VARIANTS if v not in variants]},
-        "timing": timing,
+        "timing": timing, "step_calls": step_calls,
         "memory": {"method": memory_method, "rows": [{"variant": v, "optimizer": k, **m} for (v, k), m in memory.items()]},
         "snapshots": snapshots, "replay": replay,
     }

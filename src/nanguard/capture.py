@@ -70,6 +70,9 @@ class LossRecorder(TorchDispatchMode):
             self.overflowed = True
             return out
         index = len(self.ops)
+        # Map the arguments before registering the outputs: an in-place op (``loss *= k``) returns its input,
+        # which must stay bound to the slot it had, not point at the op's own result.
+        mapped_args, mapped_kwargs = tree_map(self._slot_of, args), tree_map(self._slot_of, kwargs)
         flat, _ = tree_flatten(out)
         slots: list[_Slot | None] = []
         for j, value in enumerate(flat):
@@ -79,7 +82,7 @@ class LossRecorder(TorchDispatchMode):
                 slots.append(slot)
             else:
                 slots.append(None)
-        self.ops.append(RecordedOp(func, tree_map(self._slot_of, args), tree_map(self._slot_of, kwargs), slots))
+        self.ops.append(RecordedOp(func, mapped_args, mapped_kwargs, slots))
         return out
 
 
@@ -168,6 +171,11 @@ class StepRecorder:
             slot = call.recorder._slot_of(loss)
             call.loss_slot = slot if isinstance(slot, _Slot) else None
         call.backward_gradient = gradient
+
+    def produced_by_watched_call(self, tensor: torch.Tensor) -> bool:
+        """True when ``tensor`` was returned by the watched module or computed from its outputs since."""
+        call = self._active
+        return call is not None and call.recorder is not None and isinstance(call.recorder._slot_of(tensor), _Slot)
 
     def stop_recording(self) -> None:
         call, self._active = self._active, None

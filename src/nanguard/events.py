@@ -80,6 +80,17 @@ def _json_number(value: float | None) -> float | str | None:
     return value if math.isfinite(value) else None
 
 
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats as strings ("nan", "inf"): event files are strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 @dataclass
 class Event:
     """One line of ``events.jsonl``."""
@@ -120,7 +131,7 @@ class Event:
         if self.grad_norm is not None and not math.isfinite(self.grad_norm):
             out["grad_norm_repr"] = repr(float(self.grad_norm))
         if self.details:
-            out["details"] = self.details
+            out["details"] = _json_safe(self.details)
         return out
 
     def summary(self) -> str:

@@ -70,12 +70,23 @@ def _install_backward_patch() -> None:
     def autograd_backward(tensors: Any, grad_tensors: Any = None, *args: Any, **kwargs: Any) -> Any:
         if isinstance(tensors, torch.Tensor) and _ACTIVE_GUARDS:
             gradient = grad_tensors if isinstance(grad_tensors, torch.Tensor) else None
-            for guard in list(_ACTIVE_GUARDS):
+            for guard in _guards_owning(tensors):
                 guard._on_backward(tensors, gradient)
         return original_autograd_backward(tensors, grad_tensors, *args, **kwargs)
 
     autograd_backward.__wrapped__ = original_autograd_backward  # type: ignore[attr-defined]
     torch.autograd.backward = autograd_backward  # type: ignore[assignment]
+
+
+def _guards_owning(tensor: torch.Tensor) -> list[Guard]:
+    """Which guards a ``backward()`` belongs to. With two guarded models in one process (a GAN, a teacher and a
+    student) each guard must count only its own loss: the one whose model returned the tensor or whose
+    outputs it was computed from. Guards that cannot tell (no model, or hooks that never fired, as under some
+    compilers) get every loss nobody else claimed."""
+    guards = list(_ACTIVE_GUARDS)
+    watching = [g for g in guards if g.models and g._forward_seen]
+    owners = [g for g in watching if g.recorder.produced_by_watched_call(tensor)]
+    return owners or [g for g in guards if g not in watching]
 
 
 def _is_fused(optimizer: torch.optim.Optimizer) -> bool:
@@ -113,6 +124,8 @@ class Guard:
         self._defer_host_verdict = False
         # True while forensics re-runs a step: its forward and backward are not this step's.
         self._replaying = False
+        self._lockstep_step = -1
+        self._forward_seen = False
 
         self.step_count = 0
         self.skipped_total = 0
@@ -155,6 +168,7 @@ class Guard:
         self._failed_snapshots: set[int] = set()
         self._last_restored: tuple[int, int] | None = None
         self._last_good_refs: tuple[StepCapture | None, list[Any], float] | None = None
+        self._applied_lrs: deque[tuple[int, float]] = deque(maxlen=64)
 
         self.sinks: list[Sink] = list(sinks)
         if self.is_writer and own_records:
@@ -219,6 +233,7 @@ class Guard:
         def post_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             if guard._replaying:
                 return
+            guard._forward_seen = True
             recorder.on_forward_end(module, output)
 
         self._hook_handles.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True))
@@ -386,7 +401,7 @@ class Guard:
         self.optimizer._opt_called = True  # type: ignore[attr-defined]  # what an LR scheduler checks for
         self.recorder.stop_recording()
         try:
-            self._process_readbacks()
+            self._process_readbacks(wait_until=step - 1 if self.device_mode and dist_utils.is_distributed() else None)
             if self._skip_remaining > 0:
                 self._skip_remaining -= 1
                 self.skipped_total += 1
@@ -412,10 +427,8 @@ class Guard:
         grad_scale = getattr(self.optimizer, "grad_scale", None)
         scaler_found_inf = getattr(self.optimizer, "found_inf", None)
 
-        if self._user_norm is not None and self._user_norm[0] >= len(grads) and grad_scale is None:
-            norm = self._user_norm[1].float().to(device)
-        else:
-            norm = total_norm(grads, device)
+        user_clipped = self._user_norm is not None and self._user_norm[0] >= len(grads) and grad_scale is None
+        norm = self._user_norm[1].float().to(device) if user_clipped else total_norm(grads, device)  # type: ignore[index]
         if grad_scale is not None:
             norm = norm / grad_scale.float().to(device)
         has_loss = self._pending_loss is not None
@@ -443,9 +456,10 @@ class Guard:
 
         one = torch.ones((), device=device)
         coef = one
-        if cfg.clip_grad_norm is not None:
+        # When the script clipped already, its gradients are no longer what ``norm`` measured: clip nothing more.
+        if cfg.clip_grad_norm is not None and not user_clipped:
             coef = torch.clamp(cfg.clip_grad_norm / (norm + 1e-6), max=1.0)
-        if spikes_on and cfg.spikes.adaptive_clip:
+        if spikes_on and cfg.spikes.adaptive_clip and not user_clipped:
             limit = torch.where(self.stats.warm()[1], self.stats.clip_value()[1], torch.full((), float("inf"), device=device))
             coef = torch.minimum(coef, torch.clamp(limit / (norm + 1e-12), max=1.0))
         if coef is not one:
@@ -462,10 +476,13 @@ class Guard:
             torch.stack([loss_scale, torch.full((), float(has_loss), device=device)]),
         ])
         per_rank = dist_utils.gather_flags(flags)
+        self._lockstep_step = step
         if per_rank.shape[0] > 1:
-            # Every rank takes the same decision: the element-wise max over ranks of every flag.
+            # Every rank takes the same decision: the element-wise max over ranks of every flag, and the mean
+            # loss (what history, divergence and spike statistics see, identically on every rank).
             merged = per_rank.amax(dim=0)
-            flags = torch.cat([flags[:2], merged[2:F_POST_WEIGHTS_BAD], flags[F_POST_WEIGHTS_BAD:]])
+            mean_loss = per_rank[:, F_LOSS].nanmean().reshape(1)
+            flags = torch.cat([mean_loss, flags[1:2], merged[2:F_POST_WEIGHTS_BAD], flags[F_POST_WEIGHTS_BAD:]])
             bad = merged[F_BAD] > 0
             scaler_overflow = merged[F_SCALER_OVERFLOW] > 0
         self._current_per_rank = per_rank
@@ -476,6 +493,8 @@ class Guard:
 
     def _apply_lr_multiplier(self) -> list[Any]:
         saved = [group["lr"] for group in self.optimizer.param_groups]
+        if saved and not isinstance(saved[0], torch.Tensor):
+            self._applied_lrs.append((self.step_count - 1, float(saved[0]) * self.policy.lr_multiplier))
         if self.policy.lr_multiplier != 1.0:
             for group in self.optimizer.param_groups:
                 group["lr"] = group["lr"] * self.policy.lr_multiplier
@@ -596,9 +615,15 @@ class Guard:
         )
         return capture, batch
 
-    def _process_readbacks(self, wait: bool = False) -> None:
+    def _process_readbacks(self, wait: bool = False, wait_until: int | None = None) -> None:
+        """Act on verdicts that reached the host. ``wait_until``: wait for those up to that step (under
+        torch.distributed every rank must act on a verdict at the same step, not whenever its device is done)."""
         self._fold_batch_scales(wait)
-        for item in self.readback.poll(wait=wait):
+        if wait_until is not None:
+            items = self.readback.poll(wait=True, until=wait_until)
+        else:
+            items = self.readback.poll(wait=wait)
+        for item in items:
             values = item.values()
             refs = self._pending_captures.pop(item.step, (None, {"calls": []}))
             if values[F_BAD]:
@@ -641,7 +666,15 @@ class Guard:
         loss = self._pending_loss
         self.recorder.stop_recording()
         try:
-            if loss is not None and not bool(torch.isfinite(loss)):  # the scaler synchronised already
+            loss_bad = torch.zeros(1) if loss is None else (~torch.isfinite(loss.detach().float().reshape(1))).float()
+            per_rank = dist_utils.gather_flags(loss_bad)
+            rows = torch.zeros(per_rank.shape[0], N_FLAGS)
+            rows[:, F_LOSS_BAD] = per_rank[:, 0].cpu()
+            self._current_per_rank = rows
+            if bool(per_rank.amax() > 0):  # the scaler synchronised already; every rank decides alike
+                if loss is None or bool(torch.isfinite(loss)):
+                    loss = torch.tensor(float("nan"))
+                self._lockstep_step = self.step_count
                 step = self.step_count
                 self.step_count += 1
                 values = [float("nan")] * N_FLAGS
@@ -744,10 +777,13 @@ class Guard:
         if extra_evidence:
             diagnosis.evidence = [*extra_evidence, *diagnosis.evidence]
         state_suspect = False
-        if trigger != "divergence" and not update_applied and diagnosis.cause not in DATA_CAUSES | STATE_CAUSES:
-            state_suspect, evidence = self._previous_batch_verdict(loss)
+        if (trigger != "divergence" and not update_applied and diagnosis.cause not in DATA_CAUSES | STATE_CAUSES
+                and not dist_utils.uses_sharded_parameters(self.models)):
+            state_suspect, evidence = self._agreed(step, lambda: self._previous_batch_verdict(loss))
             if evidence:
                 diagnosis.evidence.append(evidence)
+            if state_suspect:
+                self._blame_learning_rate(step, diagnosis)
         decision = self.policy.decide(trigger, diagnosis.cause, can_rollback=len(self.snapshots) > 0,
                                       update_applied=update_applied or state_suspect)
         if decision.action in ("skip", "rollback", "abort") and not update_applied:
@@ -778,11 +814,33 @@ class Guard:
 
     def _diagnose(self, step: int, trigger: str, capture: StepCapture | None, batch: dict[str, Any], loss: float, norm: float,
                   update_applied: bool, state_is_pre_step: bool) -> tuple[Diagnosis, dict[str, Any]]:
+        """One diagnosis for every rank: under torch.distributed the rank that saw the fault diagnoses and the
+        others receive its answer, so the policy (which depends on the cause) acts the same everywhere."""
+        args = (step, trigger, capture, batch, loss, norm, update_applied, state_is_pre_step)
+        in_lockstep = dist_utils.is_distributed() and step == self._lockstep_step and trigger != "divergence"
+        if not in_lockstep:
+            return self._diagnose_here(*args)
+        sharded = dist_utils.uses_sharded_parameters(self.models)
+
+        def diagnose() -> tuple[Diagnosis, dict[str, Any]]:
+            # Under FSDP every forward all-gathers parameters: no rank may replay alone, so no replay at all.
+            diagnosis, details = self._diagnose_here(*args, forensics=not sharded)
+            return diagnosis, {**details, "diagnosed_on_rank": self.rank}
+
+        def fallback() -> tuple[Diagnosis, dict[str, Any]]:
+            return Diagnosis(cause="unknown", evidence=["the diagnosis failed on the rank that saw the fault"]), {}
+
+        result = dist_utils.diagnose_on_bad_rank(self._bad_rank(), diagnose, fallback, all_ranks=sharded)
+        return result[0], dict(result[1])
+
+    def _diagnose_here(self, step: int, trigger: str, capture: StepCapture | None, batch: dict[str, Any], loss: float,
+                       norm: float, update_applied: bool, state_is_pre_step: bool, forensics: bool = True,
+                       ) -> tuple[Diagnosis, dict[str, Any]]:
         renamed = getattr(self, "_renamed", {})
         history = {renamed.get(k, k): [v for s, v in pairs if s < step] for k, pairs in self.batch_scale_history.items()}
         spike_stats = self._spike_summary()
         models = self.models or []
-        if self.config.forensics and self._investigations < self.config.forensics_max_events and trigger != "divergence":
+        if forensics and self.config.forensics and self._investigations < self.config.forensics_max_events and trigger != "divergence":
             self._investigations += 1
             try:
                 from nanguard import forensics
@@ -809,6 +867,31 @@ class Guard:
             loss=loss, grad_norm=norm, spike_stats=spike_stats, update_made_weights_nonfinite=update_applied,
         )
         return diagnosis, {}
+
+    def _agreed(self, step: int, decide: Callable[[], tuple[bool, str | None]]) -> tuple[bool, str | None]:
+        """Run a host-side judgement on the bad rank and share it, so every rank acts on the same answer."""
+        if not dist_utils.is_distributed():
+            return decide()
+        if step != self._lockstep_step:
+            return False, None  # only this rank is here: no collective may be issued
+        answer = dist_utils.diagnose_on_bad_rank(self._bad_rank(), decide, lambda: (False, None))
+        return bool(answer[0]), answer[1]
+
+    def _blame_learning_rate(self, step: int, diagnosis: Diagnosis) -> None:
+        """The last update damaged the weights: if its learning rate jumped, that is the story to tell."""
+        earlier = [(s, lr) for s, lr in self._applied_lrs if s < step]
+        if len(earlier) < 4:
+            return
+        last_step, last_lr = earlier[-1]
+        typical = sorted(lr for _, lr in earlier[:-1])[len(earlier[:-1]) // 2]
+        if typical <= 0 or last_lr < 3.0 * typical:
+            return
+        diagnosis.phase = "optimizer"
+        diagnosis.evidence.insert(0, f"the update at step {last_step} used lr={last_lr:.4g}, {last_lr / typical:.3g}x the "
+                                     f"median lr {typical:.4g} of the steps before it: a learning-rate spike")
+        diagnosis.fixes.insert(0, f"check the learning-rate schedule around step {last_step} (a warm-up or restart "
+                                  "multiplier applied twice, a per-epoch scheduler stepped per batch, a wrong lambda)")
+        diagnosis.confidence = max(diagnosis.confidence, 0.8)
 
     def _previous_batch_verdict(self, loss: float) -> tuple[bool, str | None]:
         """Is the state to blame rather than this batch? Re-run the last good batch on the current weights.
@@ -842,16 +925,16 @@ class Guard:
     def _replay_context(self) -> Iterator[None]:
         """While forensics re-runs a step: no recording, no loss accounting, and no talking to other ranks
         (DDP's gradient all-reduce is switched off)."""
-        with contextlib.ExitStack() as stack:
-            for model in self.models:
-                no_sync = getattr(model, "no_sync", None)
-                if callable(no_sync):
-                    stack.enter_context(no_sync())
+        with dist_utils.isolated_replay(self._replay_models()):
             self._replaying = True
             try:
                 yield
             finally:
                 self._replaying = False
+
+    def _replay_models(self) -> list[torch.nn.Module]:
+        """Modules whose collectives a replay must switch off (integrations add framework wrappers)."""
+        return list(self.models)
 
     # ------------------------------------------------------------------ actions
     def _take_snapshot(self) -> None:
@@ -900,6 +983,9 @@ class Guard:
 
     # ------------------------------------------------------------------ records
     def _emit(self, event: Event) -> None:
+        rows = event.details.get("rank_flags")
+        if isinstance(rows, list) and 0 <= event.rank < len(rows) and event.rank != self.rank:
+            event.loss = rows[event.rank][F_LOSS]  # the loss of the rank that saw the fault, not this rank's
         self.events.append(event)
         if not self.is_writer:
             return

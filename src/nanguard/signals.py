@@ -136,9 +136,18 @@ class DeviceReadback:
         if item.ready_event is not None:
             self._free.setdefault(item.host.numel(), []).append(item.host)
 
-    def poll(self, wait: bool = False) -> list[Readback]:
+    def poll(self, wait: bool = False, until: int | None = None) -> list[Readback]:
+        """Completed groups, oldest first. ``wait``: wait for all; ``until``: wait for those up to that step
+        and return none after it (so several processes can act on the same steps at the same time)."""
         done: list[Readback] = []
-        while self._pending and (wait or self._pending[0].ready()):
+        while self._pending:
+            head = self._pending[0]
+            if until is not None:
+                if head.step > until:
+                    break
+                wait = True
+            elif not (wait or head.ready()):
+                break
             item = self._pending.pop(0)
             if wait and item.ready_event is not None:
                 item.ready_event.synchronize()

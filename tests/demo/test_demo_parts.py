@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import subprocess
 import sys
@@ -13,8 +14,16 @@ from hypothesis import strategies as st
 
 from nanguard.cli import main as cli_main
 from nanguard.demo import MIN_STEPS
-from nanguard.demo.faults import ALL_PADDING, CORRUPT_WEIGHT, CORRUPTED_MODULE, LR_SPIKE, NAN_IN_DATA, FaultPlan
+from nanguard.demo.faults import (
+    ALL_PADDING,
+    CORRUPT_WEIGHT,
+    CORRUPTED_MODULE,
+    LR_SPIKE,
+    NAN_IN_DATA,
+    FaultPlan,
+)
 from nanguard.demo.model import ModelConfig, TinyLM
+from nanguard.demo.run import one_thread
 from nanguard.demo.summary import guarded_line, nearest_fault, unguarded_line
 from nanguard.demo.task import PAD_ID, VOCAB, decode, make_batches
 from nanguard.demo.train import RunResult, Settings, schedule, train
@@ -93,14 +102,17 @@ def test_fault_plan_fits_any_allowed_run_length(steps: int) -> None:
     plan = FaultPlan.spread_over(steps)
     order = [plan.all_padding_step, plan.nan_in_data_step, plan.lr_spike_step, plan.corrupt_weight_step]
     assert order[0] >= 20 and plan.lr_spike_step >= 40
-    assert all(later - earlier >= 6 for earlier, later in zip(order, order[1:], strict=False))
+    assert all(later - earlier >= 6 for earlier, later in itertools.pairwise(order))
     assert steps - plan.corrupt_weight_step >= 10
     assert [f.kind for f in plan.faults()] == [ALL_PADDING, NAN_IN_DATA, LR_SPIKE, CORRUPT_WEIGHT]
 
 
 def test_training_is_deterministic() -> None:
     tiny = Settings(steps=4, batch_size=4, seq_len=16, eval_batches=1)
-    first, second = train(tiny, FaultPlan.none()), train(tiny, FaultPlan.none())
+    threads = torch.get_num_threads()
+    with one_thread():
+        first, second = train(tiny, FaultPlan.none()), train(tiny, FaultPlan.none())
+    assert torch.get_num_threads() == threads  # the demo leaves the process's setting as it found it
     assert first.losses == second.losses and first.eval_loss == second.eval_loss
     assert all(map(math.isfinite, first.losses))
 

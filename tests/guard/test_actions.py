@@ -295,3 +295,25 @@ def test_optimizer_step_with_a_closure_is_guarded_and_evaluates_the_closure_once
     assert all(calls.count(step) == 1 for step in range(8) if step != 4)
     assert calls.count(4) >= 1
     assert [(e["step"], e["action"]) for e in read_events(tmp_path)] == [(4, "skip")]
+
+
+def test_two_guards_in_one_process_count_only_their_own_losses(tmp_path):
+    """Regression: each guard summed every backward() in the process (a GAN's two losses became one)."""
+    a, b = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
+    opt_a, opt_b = torch.optim.SGD(a.parameters(), lr=0.0), torch.optim.SGD(b.parameters(), lr=0.0)
+    guard_a = nanguard.Guard(a, opt_a, out_dir=tmp_path / "a", console=False, report=False)
+    guard_b = nanguard.Guard(b, opt_b, out_dir=tmp_path / "b", console=False, report=False)
+    x = torch.randn(8, 4)
+    for _ in range(3):
+        (a(x).pow(2).mean() + 1.0).backward()
+        opt_a.step()
+        opt_a.zero_grad()
+        (b(x).pow(2).mean() + 100.0).backward()
+        opt_b.step()
+        opt_b.zero_grad()
+    guard_a.close()
+    guard_b.close()
+    true_a = float(a(x).pow(2).mean() + 1.0)
+    true_b = float(b(x).pow(2).mean() + 100.0)
+    assert list(guard_a.loss_history) == pytest.approx([true_a] * 3)
+    assert list(guard_b.loss_history) == pytest.approx([true_b] * 3)

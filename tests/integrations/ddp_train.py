@@ -22,6 +22,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=["run", "guard", "integration"], default="run")
     parser.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp")
     parser.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--guard-wrapper", action="store_true", help="give the guard the DDP wrapper, not the module")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--bad-steps", default="5")
     parser.add_argument("--bad-rank", type=int, default=1)
@@ -55,7 +56,7 @@ def main() -> None:
     elif args.mode == "integration":
         from nanguard.integrations._guard import IntegrationGuard
 
-        guard = IntegrationGuard(model, optimizer, replay_wrappers=[wrapped], **options)
+        guard = IntegrationGuard(wrapped if args.guard_wrapper else model, optimizer, replay_wrappers=[wrapped], **options)
 
     gen = torch.Generator().manual_seed(100 + rank)
     reference_norms = []

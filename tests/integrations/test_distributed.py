@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,11 +34,16 @@ def torchrun(tmp_path: Path, *args: str, module_run: bool = False) -> tuple[list
     else:
         command = [*launcher, str(SCRIPT), "--out", str(tmp_path / "out"), "--results", str(results), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    # A session of its own, so a deadlocked job is killed with all its ranks, not just the launcher.
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     try:
-        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"the 2-rank job did not finish in {TIMEOUT_S}s (deadlock?)\n{(exc.stderr or b'')[-3000:]!r}")
-    assert done.returncode == 0, done.stderr[-4000:]
+        _, stderr = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate()
+        pytest.fail(f"the 2-rank job did not finish in {TIMEOUT_S}s (deadlock?)\n{stderr[-3000:]}")
+    assert process.returncode == 0, stderr[-4000:]
     records = [json.loads((results / f"rank{r}.json").read_text()) for r in range(2)]
     weights = [torch.load(results / f"weights{r}.pt") for r in range(2)]
     return records, weights
@@ -50,10 +56,6 @@ def assert_identical(weights: list[dict[str, torch.Tensor]]) -> None:
         assert bool(torch.isfinite(weights[0][name]).all()), name
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "needs two Guard changes (see docs/integrations.md, 'Status'): event details with the bad rank's NaN loss "
-    "are not strict JSON (EventLog raises on rank 0), and the diagnosis must come from the bad rank "
-    "(nanguard.distributed.diagnose_on_bad_rank) instead of rank 0's own clean replay"))
 def test_nanguard_run_under_torchrun_skips_on_both_ranks(tmp_path: Path) -> None:
     records, weights = torchrun(tmp_path, "--mode", "run", "--bad-steps", "5", module_run=True)
     assert_identical(weights)
@@ -75,6 +77,15 @@ def test_guard_api_under_ddp_rolls_back_identically_and_agrees_on_the_cause(tmp_
     written = read_events(tmp_path / "out")  # rank 0 wrote them, once each
     assert [(e["step"], e["rank"]) for e in written] == [(4, 1), (5, 1), (6, 1)]
     assert written[0]["loss"] is None and written[0]["loss_repr"] == "nan"  # the bad rank's loss, not rank 0's
+
+
+def test_replay_through_the_ddp_wrapper_issues_no_collective(tmp_path: Path) -> None:
+    # The guard watches the DDP wrapper itself: its replay runs DDP.forward, which would broadcast the
+    # BatchNorm buffers from rank 0 while rank 0 waits for the diagnosis. It must finish, and agree.
+    records, weights = torchrun(tmp_path, "--mode", "integration", "--guard-wrapper", "--bad-steps", "5")
+    assert_identical(weights)
+    seen = [[(e["step"], e["action"], e["rank"], e["cause"]) for e in r["events"]] for r in records]
+    assert seen[0] == seen[1] == [(5, "skip", 1, "input_nonfinite")]
 
 
 def test_fsdp2_sharded_gradient_norm_and_lockstep_skip(tmp_path: Path) -> None:

@@ -113,5 +113,5 @@ def test_callback_added_by_hand_with_gradient_accumulation(tmp_path: Path) -> No
 def test_guard_trainer_rejects_other_objects() -> None:
     from nanguard.errors import UsageError
 
-    with pytest.raises(UsageError, match="transformers.Trainer"):
+    with pytest.raises(UsageError, match=r"transformers\.Trainer"):
         guard_trainer(object())

@@ -13,13 +13,8 @@ the data in ``task.py``, the faults in ``faults.py``.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import sys
-import time
 from pathlib import Path
-from collections.abc import Iterator
-from typing import TextIO
 
 from nanguard.errors import UsageError
 
@@ -50,81 +45,7 @@ def main(args: argparse.Namespace) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out_dir} is a file; give a directory (it is created if missing)")
     console = sys.stderr if args.json else sys.stdout
+    from nanguard.demo.run import run_demo
+
     return run_demo(steps=steps, seed=args.seed, out_dir=out_dir, contrast=not args.no_contrast,
                     as_json=args.json, console=console)
-
-
-def run_demo(*, steps: int, seed: int, out_dir: Path, contrast: bool, as_json: bool, console: TextIO) -> int:
-    """Run the reference, the unguarded and the guarded run; print what happened. 0 if the guarded run ended finite."""
-    started = time.perf_counter()
-    with _one_thread():
-        return _run(steps=steps, seed=seed, out_dir=out_dir, contrast=contrast, as_json=as_json, console=console,
-                    started=started)
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run torch on one thread, then restore the setting.
-
-    The model is tiny: a second thread gains little, and on a busy machine (CI, a shared box) two
-    spinning OpenMP threads can make each step ten times slower.
-    """
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run(*, steps: int, seed: int, out_dir: Path, contrast: bool, as_json: bool, console: TextIO, started: float) -> int:
-    import math
-
-    from nanguard.demo import summary
-    from nanguard.demo.faults import FaultPlan
-    from nanguard.demo.train import Settings, train
-
-    def say(text: str = "") -> None:
-        print(text, file=console, flush=True)
-
-    settings = Settings(steps=steps, seed=seed)
-    plan = FaultPlan.spread_over(steps)
-    faults = plan.faults()
-    say(f"nanguard demo: a 2-layer transformer learns sums like 37+85=122, one character at a time; "
-        f"{steps} steps on the CPU, seed {seed}.")
-    say(summary.faults_block(faults))
-    say()
-
-    total = 3 if contrast else 2
-    say(f"[1/{total}] without nanguard, no faults (the reference) ...")
-    reference = train(settings, FaultPlan.none())
-    say(f"      {reference.seconds:.1f} s, final loss {summary.format_number(reference.eval_loss)}")
-    unguarded = None
-    if contrast:
-        say(f"[2/{total}] without nanguard, with the faults ...")
-        unguarded = train(settings, plan)
-        say(f"      {unguarded.seconds:.1f} s; " + summary.unguarded_line(unguarded).removeprefix("without nanguard: "))
-    say(f"[{total}/{total}] with nanguard, with the faults (live; events as they happen):")
-    is_tty = bool(getattr(console, "isatty", lambda: False)())
-    guarded = train(settings, plan, guard_dir=out_dir, console=console, progress_every=0 if is_tty else max(1, steps // 10))
-    say()
-    say(summary.diagnoses_block(guarded, faults))
-    say()
-    say(summary.comparison_block(guarded, unguarded, reference))
-
-    report = out_dir / "report.html"
-    if report.is_file():
-        say(f"\nReport: {report}   (events: {out_dir / 'events.jsonl'}, history: {out_dir / 'history.csv'})")
-    else:
-        say(f"\nnanguard demo: the guard did not write {report} (see the warnings above)")
-    seconds = time.perf_counter() - started
-    if as_json:
-        payload = summary.summary_json(steps=steps, seed=seed, faults=faults, guarded=guarded, unguarded=unguarded,
-                                       reference=reference, out_dir=out_dir,
-                                       report=report if report.is_file() else None, seconds=seconds)
-        json.dump(payload, sys.stdout, indent=2, allow_nan=False)
-        sys.stdout.write("\n")
-    ends_finite = guarded.aborted is None and guarded.weights_finite and math.isfinite(guarded.eval_loss)
-    return 0 if ends_finite and report.is_file() else 1

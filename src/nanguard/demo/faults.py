@@ -95,8 +95,9 @@ class FaultPlan:
         """Before the forward of ``corrupt_weight_step``: write an inf into one weight, as a bad in-place update would."""
         if step != self.corrupt_weight_step:
             return None
+        weight = model.get_parameter(f"{CORRUPTED_MODULE}.weight")
         with torch.no_grad():
-            model.get_submodule(CORRUPTED_MODULE).weight[0, 0] = math.inf
+            weight[0, 0] = math.inf
         return CORRUPT_WEIGHT
 
     def lr_is_spiked(self, schedule_step: int) -> bool:

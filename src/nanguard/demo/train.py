@@ -30,7 +30,7 @@ import torch
 
 import nanguard
 from nanguard.console import LiveConsole
-from nanguard.demo.faults import FaultPlan
+from nanguard.demo.faults import LR_SPIKE, FaultPlan
 from nanguard.demo.model import ModelConfig, TinyLM
 from nanguard.demo.task import VOCAB, Batch, make_batches
 from nanguard.errors import TrainingAborted
@@ -70,9 +70,8 @@ class RunResult:
 
     @property
     def recovered(self) -> bool:
-        """After its first non-finite loss, did the loss ever come back finite and stay so to the end?"""
-        first = self.first_nonfinite_step
-        return first is None or (bool(self.losses) and math.isfinite(self.losses[-1]))
+        """Was the loss finite again at the last step (True too when it never went non-finite)?"""
+        return self.first_nonfinite_step is None or math.isfinite(self.losses[-1])
 
 
 def schedule(settings: Settings) -> Any:
@@ -100,6 +99,7 @@ def train(settings: Settings, plan: FaultPlan, *, guard_dir: Path | None = None,
     if guard_dir is not None:
         # The one line that adds nanguard. The overrides suit a 30-second run (defaults suit long ones):
         # snapshot more often than every 50 steps, and investigate every event, not just the first five.
+        # console=False + our own LiveConsole: a progress line every N steps even when output is a log.
         guard = nanguard.Guard(model, optimizer, scheduler=scheduler, out_dir=guard_dir,
                                snapshot_every=settings.snapshot_every, forensics_max_events=20,
                                console=False, sinks=[LiveConsole(console, every=progress_every)])
@@ -113,7 +113,7 @@ def train(settings: Settings, plan: FaultPlan, *, guard_dir: Path | None = None,
             batch, data_fault = plan.batch_for(step, clean_batch)
             weight_fault = plan.corrupt_weights(step, model)
             if plan.lr_is_spiked(scheduler.last_epoch):
-                injected.append((step, "lr_spike"))
+                injected.append((step, LR_SPIKE))
             injected += [(step, kind) for kind in (data_fault, weight_fault) if kind]
 
             # ---- the training step, exactly as it is without nanguard ----

@@ -239,9 +239,12 @@ def _label_findings(request: InvestigationRequest, batch: dict[str, Any], facts:
             }
         )
     elif exc["kind"] == "index_out_of_range" and not facts.tokens:
-        facts.tokens = [
-            dict(t, op="aten::embedding") for t in checks.token_problems_static(request.models, batch)
-        ]
+        found = checks.token_problems_static(request.models, batch)
+        value = exc.get("value")
+        if value is not None:  # the exception names the bad id: fields that hold it come first
+            holding = set(checks.fields_containing(batch, value))
+            found.sort(key=lambda t: t["field"] not in holding)
+        facts.tokens = [dict(t, op="aten::embedding") for t in found]
 
 
 def _check_table(facts: Facts) -> list[dict[str, Any]]:

@@ -88,7 +88,10 @@ _EXCEPTION_PATTERNS = (
     ),
     (
         "index_out_of_range",
-        re.compile(r"index out of range in self|index (-?\d+) is out of bounds|Index out of range"),
+        re.compile(
+            r"index out of range in self|index (-?\d+) is out of bounds|Index out of range"
+            r"|takes value (-?\d+) which is not in the valid range"
+        ),
     ),
     ("batchnorm_single_value", re.compile(r"Expected more than 1 value per channel when training")),
     ("batchnorm_eps", re.compile(r"batch_norm eps must be positive")),

@@ -890,6 +890,43 @@ def _absorbed(f: Facts, absorbed: Birth) -> Diagnosis:
     )
 
 
+# A vector norm above this squares past float32's largest value: its float32 computation returns inf.
+FLOAT32_NORM_OVERFLOW = math.sqrt(DTYPE_MAX["float32"])
+
+
+def _rule_norm_overflow(f: Facts) -> Diagnosis | None:
+    """Every gradient entry finite, yet the step's gradient norm was inf: the norm overflowed float32.
+
+    The replay reproduces the step (it is not transient); its gradients are simply so large that the sum
+    of their squares passes float32's range. That is a gradient explosion, whatever the dtype.
+    """
+    replay = f.replay
+    if f.trigger != "nonfinite_grad" or replay is None or not replay.finite or not replay.grad_norms:
+        return None
+    total = replay.total_grad_norm
+    if not (total >= FLOAT32_NORM_OVERFLOW):
+        return None
+    evidence = [
+        f"every gradient entry is finite, but their total norm {fmt(total)} overflows float32 "
+        f"(above {fmt(FLOAT32_NORM_OVERFLOW)}): the step's grad norm was {fmt(f.grad_norm)}",
+    ]
+    top = _top_grad(f)
+    if top:
+        evidence.append(top)
+    if f.loss is not None:
+        evidence.append(f"loss {fmt(f.loss)}; replay loss {fmt(replay.loss)}")
+    name = _top_grad_name(f)
+    return _make(
+        "gradient_explosion",
+        "backward",
+        confidence=0.85,
+        evidence=evidence,
+        tensor=name,
+        module=name.rsplit(".", 1)[0] if name and "." in name else None,
+        reproducible=True,
+    )
+
+
 def _rule_nondeterministic(f: Facts) -> Diagnosis | None:
     if not f.trigger.startswith("nonfinite") or f.trigger == "nonfinite_input":
         return None
@@ -1040,6 +1077,7 @@ RULES: tuple[Rule, ...] = (
     _rule_masked_target,
     _rule_from_trace,
     _rule_update_sim,
+    _rule_norm_overflow,
     _rule_nondeterministic,
     _rule_spikes,
 )

@@ -1,30 +1,19 @@
-"""The Guard as the integrations use it: lockstep diagnosis under torch.distributed, isolated replays.
+"""The Guard as the integrations use it: replays that also silence framework wrappers, and undo hooks.
 
-:class:`IntegrationGuard` adds to :class:`~nanguard.guard.Guard` only what frameworks that launch many
-ranks need on the event path (see :mod:`nanguard.distributed`):
-
-* one diagnosis for all ranks: the rank that saw the fault diagnoses, the others receive the answer,
-  so the escalation policy (which depends on the cause) takes the same action everywhere;
-* replays that issue no collective, including through wrappers the guard does not train directly
-  (Lightning's DDP wrapper around the LightningModule);
-* under FSDP no replay at all (a forward all-gathers parameters): every rank runs the signal-level
-  triage in lockstep, and the bad rank's answer is kept.
-
-Without torch.distributed it behaves exactly like the Guard.
+The lockstep behaviour under torch.distributed (one diagnosis for all ranks, collective-free replays, no
+replay under FSDP) lives in :class:`~nanguard.guard.Guard` itself; :class:`IntegrationGuard` only adds
+the wrappers a framework puts around the model (Lightning's DDP wrapper around the LightningModule) to
+what a replay switches to no-sync, and a place to register the undo of framework patches.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from nanguard import distributed as dist_utils
-from nanguard.events import Diagnosis, Event
-from nanguard.guard import F_LOSS, Guard
+from nanguard.guard import Guard
 
 
 class IntegrationGuard(Guard):
@@ -32,7 +21,6 @@ class IntegrationGuard(Guard):
 
     def __init__(self, *args: Any, replay_wrappers: Sequence[torch.nn.Module] = (), **kwargs: Any) -> None:
         self.replay_wrappers = list(replay_wrappers)
-        self._lockstep_step = -1
         self._on_close: list[Callable[[], None]] = []
         super().__init__(*args, **kwargs)
 
@@ -47,62 +35,8 @@ class IntegrationGuard(Guard):
             while self._on_close:
                 self._on_close.pop()()
 
-    def _check_and_step(self, step: int, *args: Any, **kwargs: Any) -> Any:
-        # Steps decided here had their flags all-gathered: every rank handles them at the same time.
-        self._lockstep_step = step
-        return super()._check_and_step(step, *args, **kwargs)
-
-    def _emit(self, event: Event) -> None:
-        rows = event.details.get("rank_flags")
-        if isinstance(rows, list) and 0 <= event.rank < len(rows) and event.rank != self.rank:
-            event.loss = rows[event.rank][F_LOSS]  # the loss of the rank that saw the fault, not this rank's
-        # Per-rank flag rows carry the NaN loss of the bad rank; strict JSON refuses it.
-        event.details = _json_safe(event.details)
-        super()._emit(event)
-
-    def _replay_context(self) -> Any:
-        return dist_utils.isolated_replay([*self.models, *self.replay_wrappers])
-
-    def _diagnose(self, step: int, trigger: str, *args: Any) -> tuple[Diagnosis, dict[str, Any]]:
-        in_lockstep = (
-            dist_utils.is_distributed() and step == self._lockstep_step and trigger != "divergence" and not self.device_mode
-        )
-        if not in_lockstep:
-            # Only this rank is here (a verdict read back late, a local divergence check): no collective.
-            return super()._diagnose(step, trigger, *args)
-        sharded = dist_utils.uses_sharded_parameters(self.models)
-
-        def diagnose() -> tuple[Diagnosis, dict[str, Any]]:
-            with _forensics_off(self) if sharded else contextlib.nullcontext():
-                diagnosis, details = super(IntegrationGuard, self)._diagnose(step, trigger, *args)
-            return diagnosis, {**details, "diagnosed_on_rank": dist_utils.rank()}
-
-        return dist_utils.diagnose_on_bad_rank(self._bad_rank(), diagnose, _no_diagnosis, all_ranks=sharded)
-
-
-def _json_safe(value: Any) -> Any:
-    """Non-finite floats as strings ("nan", "inf"): event files are strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _no_diagnosis() -> tuple[Diagnosis, dict[str, Any]]:
-    return Diagnosis(cause="unknown", evidence=["the diagnosis failed on the rank that saw the fault"]), {}
-
-
-@contextlib.contextmanager
-def _forensics_off(guard: Guard) -> Any:
-    config = guard.config
-    guard.config = config.replace(forensics=False)
-    try:
-        yield
-    finally:
-        guard.config = config
+    def _replay_models(self) -> list[torch.nn.Module]:
+        return [*self.models, *self.replay_wrappers]
 
 
 def inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:

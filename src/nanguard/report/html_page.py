@@ -14,10 +14,21 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from nanguard.report.charts import Chart
+from nanguard.report.charts import MAX_MODULE_CHARTS, MODULE_CHART_OMITTED, Chart
 from nanguard.report.content import ReportContent
 from nanguard.report.load import EventRecord
-from nanguard.report.text import action_phrase, cause_phrase, format_number, steps_phrase, trigger_phrase
+from nanguard.report.text import (
+    LR_BACKOFFS_LABEL,
+    ROOT_MODULE,
+    action_phrase,
+    cause_phrase,
+    format_number,
+    format_time,
+    split_code_spans,
+    summary_value,
+    steps_phrase,
+    trigger_phrase,
+)
 
 GENERATOR = "nanguard report"
 MAX_FIXES = 6
@@ -41,7 +52,8 @@ section{background:#fff;border-radius:10px;padding:18px 22px;margin-bottom:18px;
 h2{font-size:18px;margin:0 0 12px}
 h3{font-size:16px;margin:0}
 h4{font-size:13px;text-transform:uppercase;letter-spacing:.05em;color:#495057;margin:14px 0 4px}
-ol.findings{padding-left:22px;margin:0}ol.findings li{margin:4px 0}
+ol.findings{padding-left:22px;margin:0}ol.findings li{margin:8px 0}
+ol.findings .sub{color:#495057;font-size:14px}
 section.todo{border-left:6px solid #1c7ed6}
 section.todo ol{margin:0;padding-left:22px}section.todo li{margin:5px 0}
 .count{color:#868e96;font-size:13px}
@@ -62,6 +74,7 @@ p.cause{font-size:16px;margin:10px 0 6px}
 dl.where{display:grid;grid-template-columns:max-content 1fr max-content 1fr;gap:3px 14px;margin:6px 0}
 p.where{margin:4px 0 8px}
 dl.where dt{color:#495057}dl.where dd{margin:0}
+.root{font-style:italic;color:#495057}
 .meter{display:inline-block;width:90px;height:8px;background:#e9ecef;border-radius:4px;vertical-align:middle;margin-right:6px}
 .meter i{display:block;height:100%;background:#1c7ed6;border-radius:4px}
 ol.fixes li{background:#e7f5ff;border-radius:6px;padding:4px 10px;margin:4px 0}
@@ -76,8 +89,21 @@ def esc(value: Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
+def esc_text(value: Any) -> str:
+    """Escaped prose in which `backtick spans` (as fixes and evidence write names) become <code>."""
+    parts = split_code_spans("" if value is None else str(value))
+    return "".join(f"<code>{esc(part)}</code>" if i % 2 else esc(part) for i, part in enumerate(parts))
+
+
 def _code_or_dash(value: str | None) -> str:
     return f"<code>{esc(value)}</code>" if value is not None else "—"
+
+
+def _module(value: str | None) -> str:
+    """The root module (``''``) in words, a named one as code, an unknown one as a dash."""
+    if value == "":
+        return f'<span class="root">{ROOT_MODULE}</span>'
+    return _code_or_dash(value)
 
 
 def _action_class(action: str) -> str:
@@ -111,7 +137,7 @@ def _header(content: ReportContent) -> str:
         _tile(str(counts.get("skip", 0)), "skipped"),
         _tile(str(counts.get("rollback", 0)), "rollbacks"),
         _tile(str(counts.get("clip", 0)), "clipped"),
-        _tile(str(counts.get("lr_backoff", 0)), "LR backoffs"),
+        _tile(str(ov.lr_backoffs), LR_BACKOFFS_LABEL),
         _tile(esc(format_number(ov.outcome.loss)), "final loss"),
     ]
     if ov.final_lr_multiplier is not None and ov.lr_multiplier_varies:
@@ -125,7 +151,7 @@ def _header(content: ReportContent) -> str:
 
 
 def _where(event: EventRecord) -> str:
-    parts = [f"{label} <code>{esc(value)}</code>"
+    parts = [_module(event.module) if label == "module" and value == "" else f"{label} <code>{esc(value)}</code>"
              for label, value in (("module", event.module), ("op", event.op), ("tensor", event.tensor))
              if value is not None]
     return ", ".join(parts)
@@ -140,9 +166,9 @@ def _findings(content: ReportContent) -> str:
         where = _where(event)
         items.append(
             f'<li><a href="#event-{index}"><b>Step {event.step}</b></a>: '
-            f"{esc(trigger_phrase(event.trigger, event.loss, event.grad_norm))} → {_badge(event.action)} "
-            f"— cause <b>{esc(cause_phrase(event.cause))}</b> (<code>{esc(event.cause)}</code>, "
-            f"{esc(event.phase)} phase){'; ' + where if where else ''}</li>"
+            f"<b>{esc(trigger_phrase(event.trigger, event.loss, event.grad_norm))}</b> → {_badge(event.action)}"
+            f'<div class="sub">Cause: {esc(cause_phrase(event.cause))} (<code>{esc(event.cause)}</code>, '
+            f"{esc(event.phase)} phase){' · Where: ' + where if where else ''}</div></li>"
         )
     more = f"<p class='count'>… and {len(events) - 12} more in the table below.</p>" if len(events) > 12 else ""
     return f'<section><h2>What went wrong</h2><ol class="findings">{"".join(items)}</ol>{more}</section>'
@@ -152,7 +178,7 @@ def _todo(content: ReportContent) -> str:
     fixes = content.overview.top_fixes
     if not fixes:
         return ""
-    items = "".join(f'<li>{esc(fix)} <span class="count">({esc(steps_phrase(steps))})</span></li>'
+    items = "".join(f'<li>{esc_text(fix)} <span class="count">({esc(steps_phrase(steps))})</span></li>'
                     for fix, steps in fixes[:MAX_FIXES])
     return f'<section class="todo"><h2>What to do</h2><ol>{items}</ol></section>'
 
@@ -179,7 +205,7 @@ def _events_table(events: Iterable[EventRecord]) -> str:
             f"<td>{_badge(event.action)}</td>",
             f"<td>{esc(event.cause)}</td>",
             f"<td>{esc(event.phase)}</td>",
-            f"<td>{_code_or_dash(event.module)}</td>",
+            f"<td>{_module(event.module)}</td>",
             f"<td>{_code_or_dash(event.op)}</td>",
             f"<td>{_code_or_dash(event.tensor)}</td>",
         ]
@@ -196,7 +222,7 @@ def _confidence(value: float | None) -> str:
     return f'<span class="meter"><i style="width:{pct:.0f}%"></i></span>{pct:.0f}%'
 
 
-def _card(index: int, event: EventRecord, charts: list[Chart]) -> str:
+def _card(index: int, event: EventRecord, charts: list[Chart], chart_omitted: bool = False) -> str:
     reproduced = {True: "yes, a replay showed it again", False: "no, a replay was finite", None: "not checked"}
     facts = [
         ("Confidence", _confidence(event.confidence)),
@@ -205,10 +231,12 @@ def _card(index: int, event: EventRecord, charts: list[Chart]) -> str:
         ("Grad norm", esc(format_number(event.grad_norm))),
         ("LR", esc(format_number(event.lr))),
     ]
+    if event.lr_multiplier is not None:
+        facts.append(("LR multiplier", esc(format_number(event.lr_multiplier))))
     if event.rank:
         facts.append(("Rank", str(event.rank)))
     if event.time:
-        facts.append(("Time", esc(event.time)))
+        facts.append(("Time", esc(format_time(event.time))))
     parts = [
         f'<article class="card c{_action_class(event.action)[1:]}" id="event-{index}">',
         f'<div class="card-head">{_badge(event.action)}<h3>#{index} · Step {event.step} — '
@@ -220,11 +248,15 @@ def _card(index: int, event: EventRecord, charts: list[Chart]) -> str:
     ]
     if event.evidence:
         parts.append('<h4>Evidence</h4><ul class="evidence">'
-                     + "".join(f"<li>{esc(line)}</li>" for line in event.evidence) + "</ul>")
+                     + "".join(f"<li>{esc_text(line)}</li>" for line in event.evidence) + "</ul>")
     if event.fixes:
-        parts.append('<h4>Fixes</h4><ol class="fixes">' + "".join(f"<li>{esc(fix)}</li>" for fix in event.fixes) + "</ol>")
+        parts.append('<h4>Fixes</h4><ol class="fixes">'
+                     + "".join(f"<li>{esc_text(fix)}</li>" for fix in event.fixes) + "</ol>")
     for chart in charts:
-        parts.append(f"<h4>{esc(chart.title)} vs dtype limit</h4>{_img(chart)}")
+        caption = f'<p class="count">{esc(chart.caption)}</p>' if chart.caption else ""
+        parts.append(f"<h4>{esc(chart.title)}</h4>{_img(chart)}{caption}")
+    if chart_omitted:
+        parts.append(f'<p class="count">{esc(MODULE_CHART_OMITTED.format(limit=MAX_MODULE_CHARTS))}</p>')
     extra = event.extra_details
     if extra:
         parts.append(f"<details><summary>Other details</summary><pre>{esc(_json(extra))}</pre></details>")
@@ -236,13 +268,17 @@ def _json(value: Any) -> str:
     return json.dumps(value, indent=2, default=str, ensure_ascii=False)
 
 
+def _is_flat_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, (str, int, float, bool)) for item in value)
+
+
 def _summary_section(summary: Mapping[str, Any] | None) -> str:
     if not summary:
         return ""
     rows = []
     for key, value in summary.items():
         shown = (f'<pre class="json">{esc(_json(value))}</pre>' if isinstance(value, (dict, list))
-                 else esc(format_number(value) if isinstance(value, float) else value))
+                 and not _is_flat_list(value) else esc(summary_value(value)))
         rows.append(f"<tr><th>{esc(key)}</th><td>{shown}</td></tr>")
     return f'<section><h2>Run summary</h2><table class="summary">{"".join(rows)}</table></section>'
 
@@ -251,7 +287,8 @@ def render_html(content: ReportContent) -> str:
     run = content.run
     events_body = (
         _events_table(run.events)
-        + "".join(_card(i, e, [c for c in content.charts if c.event_index == i]) for i, e in enumerate(run.events, 1))
+        + "".join(_card(i, e, [c for c in content.charts if c.event_index == i], i in content.module_charts_omitted)
+                  for i, e in enumerate(run.events, 1))
         if run.events else "<p>No events were recorded.</p>"
     )
     sources = ", ".join(name for name, present in (("events.jsonl", run.has_events_file),

@@ -26,13 +26,17 @@ SUMMARY_FILE = "summary.json"
 
 @dataclass(frozen=True)
 class ModuleStat:
-    """Largest activation and gradient magnitude one module saw at an event."""
+    """Largest activation and gradient magnitude one module saw at an event.
+
+    ``nonfinite`` counts the module's op outputs (forward and backward) that held NaN/Inf; the
+    tracer writes a count, older runs a bool (read as 0 or 1).
+    """
 
     module: str
     dtype: str | None
     act_absmax: float | None
     grad_absmax: float | None
-    nonfinite: bool
+    nonfinite: int
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ class EventRecord:
     lr: float | None = None
     rank: int = 0
     time: str | None = None
+    lr_multiplier: float | None = None
     module_stats: tuple[ModuleStat, ...] = ()
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -127,6 +132,13 @@ def _number_with_repr(record: Mapping[str, Any], key: str) -> float | None:
     return value
 
 
+def _count(value: Any) -> int:
+    if isinstance(value, bool):
+        return int(value)
+    number = _optional_float(value)
+    return int(number) if number is not None and math.isfinite(number) and number > 0 else 0
+
+
 def _module_stats(details: Any) -> tuple[ModuleStat, ...]:
     if not isinstance(details, Mapping):
         return ()
@@ -143,10 +155,14 @@ def _module_stats(details: Any) -> tuple[ModuleStat, ...]:
                 dtype=_optional_str(item.get("dtype")),
                 act_absmax=_optional_float(item.get("act_absmax")),
                 grad_absmax=_optional_float(item.get("grad_absmax")),
-                nonfinite=bool(item.get("nonfinite", False)),
+                nonfinite=_count(item.get("nonfinite")),
             )
         )
     return tuple(out)
+
+
+def _details_float(details: Any, key: str) -> float | None:
+    return _optional_float(details.get(key)) if isinstance(details, Mapping) else None
 
 
 def parse_event(record: Any, *, path: Path, line: int) -> EventRecord:
@@ -189,6 +205,7 @@ def parse_event(record: Any, *, path: Path, line: int) -> EventRecord:
         lr=_optional_float(record.get("lr")),
         rank=rank if isinstance(rank, int) and not isinstance(rank, bool) else 0,
         time=_optional_str(record.get("time")),
+        lr_multiplier=_details_float(record.get("details"), "lr_multiplier"),
         module_stats=_module_stats(record.get("details")),
         raw=dict(record),
     )

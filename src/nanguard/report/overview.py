@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from nanguard.report.load import EventRecord, HistoryRow, RunData
 from nanguard.report.text import action_phrase, format_number, trigger_phrase
 
+LR_CUTTING_ACTIONS = ("lr_backoff", "rollback")
 MAX_LISTED_EVENTS = 4
 """Up to this many events the headline names each one; beyond it, it groups them by kind."""
 
@@ -49,6 +50,8 @@ class Overview:
     top_fixes: tuple[tuple[str, tuple[int, ...]], ...]
     lr_multiplier_varies: bool
     final_lr_multiplier: float | None
+    lr_backoffs: int = 0
+    """Times the LR multiplier went down: by an ``lr_backoff``, and by a rollback that halves the LR."""
 
 
 def event_phrase(event: EventRecord) -> str:
@@ -128,6 +131,45 @@ def _lr_multipliers(history: Sequence[HistoryRow]) -> list[float]:
     return [row.lr_multiplier for row in history if row.lr_multiplier is not None]
 
 
+def _decreases(values: Sequence[float], start: float = 1.0) -> int:
+    """How many times a sequence steps down; float noise (``isclose``) is not a step."""
+    count, previous = 0, start
+    for value in values:
+        if not math.isfinite(value):
+            continue
+        if value < previous and not math.isclose(value, previous):
+            count += 1
+        previous = value
+    return count
+
+
+def _event_backoffs(events: Sequence[EventRecord]) -> int:
+    """LR cuts the events show: an ``lr_backoff`` or a rollback whose multiplier is below the one before.
+
+    An ``lr_backoff`` event that does not carry its multiplier still counts: the action is the cut.
+    """
+    count, previous = 0, 1.0
+    for event in events:
+        value = event.lr_multiplier
+        if value is None or not math.isfinite(value):
+            count += event.action == "lr_backoff"
+            continue
+        if event.action in LR_CUTTING_ACTIONS and value < previous and not math.isclose(value, previous):
+            count += 1
+        previous = value
+    return count
+
+
+def count_lr_backoffs(run: RunData) -> int:
+    """How often the guard lowered the LR, whichever action did it (a rollback backs off the LR too).
+
+    ``history.csv`` sees every step's multiplier; events carry the multiplier after their action in
+    ``details.lr_multiplier``. A history written every N steps can merge two cuts into one, so the
+    larger of the two counts wins.
+    """
+    return max(_decreases(_lr_multipliers(run.history)), _event_backoffs(run.events))
+
+
 def summarise(run: RunData) -> Overview:
     outcome = run_outcome(run)
     steps = [row.step for row in run.history] + [event.step for event in run.events]
@@ -145,4 +187,5 @@ def summarise(run: RunData) -> Overview:
         top_fixes=rank_fixes(run.events),
         lr_multiplier_varies=any(not math.isclose(value, 1.0) for value in multipliers),
         final_lr_multiplier=multipliers[-1] if multipliers else None,
+        lr_backoffs=count_lr_backoffs(run),
     )

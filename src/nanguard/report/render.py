@@ -23,8 +23,9 @@ FORMATS = ("html", "md", "both")
 
 
 def build_content(run: RunData) -> ReportContent:
-    charts, note = build_charts(run)
-    return ReportContent(run=run, overview=summarise(run), charts=charts, plot_note=note)
+    drawn = build_charts(run)
+    return ReportContent(run=run, overview=summarise(run), charts=drawn.charts, plot_note=drawn.note,
+                         module_charts_omitted=drawn.omitted)
 
 
 def report_paths(run_dir: Path, out: str | os.PathLike[str] | None, fmt: str) -> dict[str, Path]:

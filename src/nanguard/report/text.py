@@ -6,7 +6,10 @@ saw during training and the report they open afterwards use the same words.
 
 from __future__ import annotations
 
+import datetime as _dt
+import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,6 +54,48 @@ CAUSE_WORDS = {
 }
 
 
+ROOT_MODULE = "(root module)"
+"""How the model itself reads: its module name is ``''``, which would otherwise print as nothing."""
+
+
+def module_name(name: str | None) -> str | None:
+    """``''`` -> "(root module)"; ``None`` (not located) stays ``None`` so callers show their dash."""
+    if name is None:
+        return None
+    return name if name else ROOT_MODULE
+
+
+LR_BACKOFFS_LABEL = "LR cuts (backoffs + rollbacks)"
+"""The tile/column that counts how often the LR multiplier went down, whichever action lowered it."""
+
+_CODE_SPAN = re.compile(r"(`+)(.+?)(?<!`)\1(?!`)")
+
+
+def split_code_spans(text: str) -> list[str]:
+    """``"use `x` here"`` -> ``["use ", "x", " here"]``: plain text and code-span contents, alternating.
+
+    Fixes and evidence name modules and commands in Markdown backticks; each page renders the odd
+    items as code. An unmatched backtick stays plain text.
+    """
+    parts, position = [], 0
+    for match in _CODE_SPAN.finditer(text):
+        parts += [text[position : match.start()], match.group(2)]
+        position = match.end()
+    parts.append(text[position:])
+    return parts
+
+
+def format_time(text: str) -> str:
+    """``2026-11-25T20:36:15.941711+00:00`` -> ``2026-11-25 20:36:15 UTC``; anything else unchanged."""
+    try:
+        moment = _dt.datetime.fromisoformat(text)
+    except ValueError:
+        return text
+    if moment.tzinfo is None:
+        return moment.strftime("%Y-%m-%d %H:%M:%S")
+    return moment.astimezone(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def format_number(value: float | None) -> str:
     """Four significant digits; NaN/Inf spelled as people search for them; ``None`` as a dash."""
     if value is None:
@@ -60,6 +105,19 @@ def format_number(value: float | None) -> str:
     if math.isinf(value):
         return "+Inf" if value > 0 else "-Inf"
     return f"{value:.4g}"
+
+
+def summary_value(value: Any) -> str:
+    """A ``summary.json`` value in words: ``True`` -> "yes", ``["a", "b"]`` -> "a, b", 0.28817 -> "0.2882"."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return format_number(value)
+    if isinstance(value, list) and all(not isinstance(item, (list, dict)) for item in value):
+        return ", ".join(summary_value(item) for item in value)
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, default=str, ensure_ascii=False)
+    return "—" if value is None else str(value)
 
 
 def trigger_phrase(trigger: str, loss: float | None = None, grad_norm: float | None = None) -> str:
@@ -101,13 +159,19 @@ def _value(event: Mapping[str, Any], key: str) -> float | None:
 
 
 def where_phrase(diagnosis: Mapping[str, Any]) -> str:
-    """"module 'blocks.3.attn', op aten::_softmax, tensor 'x'" — the parts that are known."""
+    """"module 'blocks.3.attn', op aten::_softmax, tensor 'x'" — the parts that are known.
+
+    The root module (name ``''``) reads "(root module)", not "module ''".
+    """
     parts = []
     for key in ("module", "op", "tensor"):
         value = diagnosis.get(key)
         if value is None:
             continue
-        parts.append(f"op {value}" if key == "op" else f"{key} {str(value)!r}")
+        if key == "module" and value == "":
+            parts.append(ROOT_MODULE)
+        else:
+            parts.append(f"op {value}" if key == "op" else f"{key} {str(value)!r}")
     return ", ".join(parts)
 
 

@@ -22,6 +22,7 @@ from nanguard.report.plots.style import (
     apply_scale,
     figure,
     outlier_ceiling,
+    set_margins,
     to_png,
 )
 from nanguard.report.text import action_phrase, format_number
@@ -175,7 +176,7 @@ def _legend(fig: Any, actions: Sequence[str], any_nonfinite: bool, any_above: bo
                               label="far above the axis (top edge, value shown)"))
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), fontsize=9,
-                   bbox_to_anchor=(0.5, -0.01))
+                   bbox_to_anchor=(0.5, 0.0))
 
 
 def plot_training_curves(history: Sequence[HistoryRow], events: Sequence[EventRecord]) -> bytes | None:
@@ -183,7 +184,8 @@ def plot_training_curves(history: Sequence[HistoryRow], events: Sequence[EventRe
     loss, grad = series_from(history, events, "loss"), series_from(history, events, "grad_norm")
     if not loss.steps:
         return None
-    with figure(11.5, 6.2) as fig:
+    label_room = 0.35 + LABEL_LEVELS * 0.4 if events else 0.2
+    with figure(11.5, 5.9 + label_room) as fig:
         ax_loss, ax_grad = fig.subplots(2, 1, sharex=True)
         splits = [_draw_series(ax_loss, loss, LOSS_COLOR, "loss"),
                   _draw_series(ax_grad, grad, GRAD_COLOR, "gradient norm")]
@@ -196,5 +198,5 @@ def plot_training_curves(history: Sequence[HistoryRow], events: Sequence[EventRe
         actions = [a for a in ACTION_COLORS if a != "none" and (
             any(row.action == a for row in history) or any(event.action == a for event in events))]
         _legend(fig, actions, any(s.nonfinite for s in splits), any(s.above for s in splits))
-        fig.subplots_adjust(left=0.08, right=0.98, top=0.97, bottom=0.13, hspace=0.12)
+        set_margins(fig, left=1.0, right=0.8, top=label_room, bottom=1.0, hspace=0.12)
         return to_png(fig)

@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 
 from nanguard.report.load import EventRecord, HistoryRow
-from nanguard.report.plots.style import ACTION_COLORS, figure, to_png
+from nanguard.report.plots.style import ACTION_COLORS, figure, set_margins, to_png
 
 
 def plot_lr_multiplier(history: Sequence[HistoryRow], events: Sequence[EventRecord]) -> bytes | None:
@@ -27,5 +27,5 @@ def plot_lr_multiplier(history: Sequence[HistoryRow], events: Sequence[EventReco
         ax.set_ylim(0, max(1.05, max(values) * 1.05))
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("guard's LR multiplier")
-        fig.subplots_adjust(left=0.07, right=0.98, top=0.85, bottom=0.2)
+        set_margins(fig, left=1.0, right=0.8, top=0.3, bottom=0.6)
         return to_png(fig)

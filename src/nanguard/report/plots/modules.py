@@ -11,9 +11,25 @@ import re
 from collections.abc import Sequence
 
 from nanguard.report.load import ModuleStat
-from nanguard.report.plots.style import LITERAL, NONFINITE_COLOR, figure, shorten, to_png
+from nanguard.report.plots.style import (
+    LITERAL,
+    NONFINITE_COLOR,
+    figure,
+    plain_log_ticks,
+    set_margins,
+    shorten,
+    to_png,
+)
+from nanguard.report.text import module_name
 
-MAX_MODULES = 30
+MAX_MODULES = 16
+"""Bars per chart: past this, a chart of a deep model is a wall nobody reads (and slow to draw)."""
+LIMIT_SHOWN_WITHIN = 1e6
+"""A dtype limit is drawn when it is within this factor of the largest value; farther, it is named
+under the axis. float32's 3.4e38 next to activations near 10 would squash every bar into the left edge."""
+ROW_HEIGHT_IN = 0.3
+CHAR_WIDTH_IN = 0.075
+"""A generous width of one 8-point character: room for the module names left of the axes."""
 
 DTYPE_MAX = {
     "float16": 65504.0,
@@ -64,14 +80,14 @@ def _magnitude(stat: ModuleStat) -> float:
 def select_modules(stats: Sequence[ModuleStat], highlight: str | None, limit: int = MAX_MODULES) -> list[ModuleStat]:
     """Keep the modules worth a bar, in their recorded (execution) order.
 
-    Non-finite ones and the diagnosed module always stay; the rest are ranked by magnitude.
+    The diagnosed module always stays; then the non-finite ones (most NaN/Inf outputs first), then
+    the largest magnitudes.
     """
     if len(stats) <= limit:
         return list(stats)
-    must = [i for i, s in enumerate(stats) if s.nonfinite or s.module == highlight]
-    rest = sorted((i for i in range(len(stats)) if i not in set(must)), key=lambda i: -_magnitude(stats[i]))
-    keep = set(must[:limit]) | set(rest[: max(0, limit - len(must))])
-    return [stats[i] for i in sorted(keep)]
+    order = sorted(range(len(stats)), key=lambda i: (stats[i].module != highlight, -stats[i].nonfinite,
+                                                     -_magnitude(stats[i])))
+    return [stats[i] for i in sorted(order[:limit])]
 
 
 def format_limit(value: float) -> str:
@@ -79,68 +95,86 @@ def format_limit(value: float) -> str:
     return f"{value:,.0f}" if value < 1e6 else f"{value:.3g}"
 
 
+def _positive(value: float | None) -> bool:
+    return value is not None and math.isfinite(value) and value > 0
+
+
+def _label(stat: ModuleStat, highlight: str | None) -> str:
+    name = shorten(module_name(stat.module) or "")
+    marker = "▶ " if stat.module == highlight else ""
+    return f"{marker}{name}  [{normalise_dtype(stat.dtype) or '?'}]"
+
+
 def plot_module_magnitudes(stats: Sequence[ModuleStat], highlight: str | None = None) -> bytes | None:
     """Horizontal bars per module on a log axis; ``None`` when no module has a magnitude or a flag.
 
-    The axis ends a little past the smallest dtype limit (or the largest value, if beyond it): a
-    float32 limit of 3.4e38 would otherwise squash a float16 story into the left edge. Limits past
-    the axis end are named at the right edge instead of drawn.
+    Modules that saw NaN/Inf get a shaded row and a count in the right margin, so their finite bars
+    and values stay readable. A dtype limit near the data is a red line; one far beyond it is named
+    under the axis instead of stretching it.
     """
     chosen = select_modules(stats, highlight)
     if not chosen or not any(s.nonfinite or _magnitude(s) > 0 for s in chosen):
         return None
+    values = [v for s in chosen for v in (s.act_absmax, s.grad_absmax) if v is not None and _positive(v)]
+    largest, smallest = max(values, default=1.0), min(values, default=1.0)
     limits: dict[str, float] = {}
     for stat in chosen:
         name, limit = normalise_dtype(stat.dtype), dtype_limit(stat.dtype)
         if name and limit:
             limits[name] = limit
-    values = [v for s in chosen for v in (s.act_absmax, s.grad_absmax) if v is not None and math.isfinite(v) and v > 0]
-    top = max([*values, min(limits.values(), default=1.0), 1.0]) * 30
-    bottom = min([*values, 1.0]) / 10
-    height = 1.2 + 0.42 * len(chosen)
-    with figure(11.5, height) as fig:
+    drawn_limits = {name: value for name, value in limits.items() if value <= largest * LIMIT_SHOWN_WITHIN}
+    far_limits = {name: value for name, value in limits.items() if name not in drawn_limits}
+    top = max([largest, *drawn_limits.values()]) * 4
+    bottom = min(smallest, largest / 10) / 4
+    rows = len(chosen)
+    labels = [_label(s, highlight) for s in reversed(chosen)]
+    left = 0.35 + CHAR_WIDTH_IN * max(len(label) for label in labels)
+    right = 1.7 if any(s.nonfinite for s in chosen) else 0.5
+    axes_width = 7.0
+    with figure(left + axes_width + right, 1.3 + ROW_HEIGHT_IN * rows) as fig:
         ax = fig.subplots()
+        set_margins(fig, left=left, right=right, top=0.45, bottom=0.85)
         for row, stat in enumerate(chosen):
-            y = len(chosen) - 1 - row
-            for offset, value, color in ((0.2, stat.act_absmax, ACT_COLOR), (-0.2, stat.grad_absmax, GRAD_COLOR)):
-                if value is not None and math.isfinite(value) and value > 0:
-                    ax.barh(y + offset, value - bottom, height=0.38, left=bottom, color=color, zorder=3)
-                    ax.annotate(f"{value:.3g}", (value, y + offset), xytext=(3, 0), textcoords="offset points",
-                                va="center", fontsize=7, color="#495057")
+            y = rows - 1 - row
             if stat.nonfinite:
-                ax.barh(y, top, height=0.8, left=bottom, facecolor="none", edgecolor=NONFINITE_COLOR,
-                        hatch="///", linewidth=0, zorder=2)
-                ax.annotate("non-finite", (bottom, y), xytext=(6, 0), textcoords="offset points", va="center",
-                            fontsize=8, fontweight="bold", color=NONFINITE_COLOR, zorder=4,
-                            bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "none"})
-        off_scale = []
-        for name, value in sorted(limits.items(), key=lambda item: item[1]):
-            if value > top:
-                off_scale.append(f"{name} max {format_limit(value)}")
-                continue
+                ax.axhspan(y - 0.5, y + 0.5, color=NONFINITE_COLOR, alpha=0.08, linewidth=0, zorder=1)
+                ax.annotate(f"NaN/Inf in {stat.nonfinite} output{'s' if stat.nonfinite != 1 else ''}", (1.0, y),
+                            xycoords=("axes fraction", "data"), xytext=(6, 0), textcoords="offset points",
+                            va="center", fontsize=8, color=NONFINITE_COLOR, annotation_clip=False)
+            for offset, value, color in ((0.19, stat.act_absmax, ACT_COLOR), (-0.19, stat.grad_absmax, GRAD_COLOR)):
+                if value is not None and _positive(value):
+                    ax.barh(y + offset, value - bottom, height=0.36, left=bottom, color=color, zorder=3)
+                    ax.annotate(f"{value:.3g}", (value, y + offset), xytext=(3, 0), textcoords="offset points",
+                                va="center", fontsize=7, color="#343a40", zorder=5)
+        for name, value in drawn_limits.items():
             ax.axvline(value, color=NONFINITE_COLOR, linestyle="--", linewidth=1.4, zorder=4)
             ax.annotate(f"{name} max {format_limit(value)}", (value, 1.0), xycoords=ax.get_xaxis_transform(),
-                        xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=8,
+                        xytext=(-3, 3), textcoords="offset points", ha="right", va="bottom", fontsize=8,
                         color=NONFINITE_COLOR, fontweight="bold", annotation_clip=False, **LITERAL)
-        if off_scale:
-            ax.annotate(f"beyond the right edge: {', '.join(off_scale)}", (0.0, 1.0), xycoords="axes fraction",
-                        xytext=(0, 3), textcoords="offset points", ha="left", va="bottom", fontsize=8,
-                        color="#868e96", annotation_clip=False, **LITERAL)
+        xlabel = "largest |value| per module at this step (log scale)"
+        if far_limits:
+            named = ", ".join(f"{name} max {format_limit(value)}" for name, value in sorted(far_limits.items()))
+            xlabel += f"\n{named}: far beyond the right edge (these values are nowhere near it)"
+        ax.set_xlabel(xlabel, **LITERAL)
         ax.set_xscale("log")
+        plain_log_ticks(ax.xaxis)
         ax.set_xlim(bottom, top)
-        ax.set_ylim(-0.7, len(chosen) - 0.3)
-        ax.set_yticks(range(len(chosen)))
-        labels = [f"{shorten(s.module or '(root)')}  [{normalise_dtype(s.dtype) or '?'}]" for s in reversed(chosen)]
+        ax.set_ylim(-0.5, rows - 0.5)
+        ax.set_yticks(range(rows))
         ax.set_yticklabels(labels, fontsize=8, **LITERAL)
         for tick, stat in zip(ax.get_yticklabels(), reversed(chosen), strict=True):
-            if stat.module == highlight or stat.nonfinite:
+            if stat.nonfinite:
                 tick.set_color(NONFINITE_COLOR)
+            if stat.module == highlight:
                 tick.set_fontweight("bold")
         ax.grid(axis="y", visible=False)
-        ax.set_xlabel("largest |value| at the event (log scale)")
         from matplotlib.patches import Patch
 
-        ax.legend(handles=[Patch(color=ACT_COLOR, label="activation |max|"),
-                           Patch(color=GRAD_COLOR, label="gradient |max|")],
-                  loc="lower right", fontsize=8, frameon=True)
+        handles = [Patch(color=ACT_COLOR, label="activation |max|"), Patch(color=GRAD_COLOR, label="gradient |max|")]
+        if any(s.nonfinite for s in chosen):
+            handles.append(Patch(color=NONFINITE_COLOR, alpha=0.15, label="saw NaN/Inf"))
+        if highlight is not None and any(s.module == highlight for s in chosen):
+            handles.append(Patch(color="none", label="▶ diagnosed module"))
+        ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=len(handles), fontsize=8,
+                  borderaxespad=0.3, handlelength=1.2)
         return to_png(fig)

@@ -1,7 +1,7 @@
 """Weight surgery writes NaN into the classifier: an inf/NaN already sits in the weights.
 
 A CNN classifier (fp32, Adam) is extended mid-run with prototype initialisation: each class row of
-`head.weight` is reset to the mean feature of that class's examples in the current batch. At step 30
+`head.weight` is reset to the mean feature of that class's examples in the current batch. At step 70
 class 3 has no example in the batch, so its row becomes 0/0 = NaN. The next forward is NaN everywhere;
 the cause is the parameter, already non-finite before the step.
 """
@@ -10,11 +10,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-EXPECTED = {"step": 30, "trigger": "nonfinite_loss", "cause": "weights_nonfinite", "phase": "state",
+EXPECTED = {"step": 70, "trigger": "nonfinite_loss", "cause": "weights_nonfinite", "phase": "state",
             "module": "head", "op": None, "tensor": "head.weight"}
 RECOVERABLE = True
 TAGS = ("cnn", "fp32")
-STEPS = 60
+STEPS = 250
 
 
 class ConvClassifier(nn.Module):
@@ -29,7 +29,7 @@ class ConvClassifier(nn.Module):
 
 def make_data(n: int = 512):
     labels = torch.randint(0, 4, (n,))
-    images = torch.randn(n, 1, 6, 6) * 0.2 + labels.view(-1, 1, 1, 1) * 0.3
+    images = torch.randn(n, 1, 6, 6) * 1.0 + labels.view(-1, 1, 1, 1) * 0.3
     return images, labels
 
 
@@ -43,7 +43,7 @@ def main(attach=None, steps=None, fault=True):
     for step in range(steps):
         idx = torch.arange(step * 24, step * 24 + 24) % len(images_all)
         images, labels = images_all[idx], labels_all[idx]
-        if fault and step == 30:
+        if fault and step == 70:
             with torch.no_grad():  # prototype re-initialisation of class 3 from this batch
                 feats = model.features(images)
                 chosen = (labels == 3) & (labels == -1)  # the bug: an empty selection

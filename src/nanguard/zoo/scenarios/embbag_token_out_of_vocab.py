@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 EXPECTED = {"step": 9, "trigger": "nonfinite_loss", "cause": "label_out_of_range", "phase": "data",
-            "module": None, "op": None, "tensor": "tokens"}
+            "module": "embed", "op": None, "tensor": "tokens"}
 RECOVERABLE = False
 CRASHES = True
 TAGS = ("embedding_bag", "fp32")

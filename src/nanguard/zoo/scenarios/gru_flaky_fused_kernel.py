@@ -14,7 +14,7 @@ EXPECTED = {"step": 36, "trigger": "nonfinite_loss", "cause": "nondeterministic"
             "module": None, "op": None, "tensor": None}
 RECOVERABLE = True
 TAGS = ("gru", "fp32")
-STEPS = 60
+STEPS = 150
 
 
 class FusedGeluLinear(nn.Module):

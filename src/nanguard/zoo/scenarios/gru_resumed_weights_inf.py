@@ -1,6 +1,6 @@
 """Resuming from a checkpoint whose recurrent weights hold +inf.
 
-A GRU sequence classifier (fp32, RMSprop). At step 20 the script reloads the "best" checkpoint to
+A GRU sequence classifier (fp32, RMSprop). At step 80 the script reloads the "best" checkpoint to
 continue from it; the checkpoint was written by a run whose weights had already overflowed in one
 entry of `gru.weight_hh_l0`. The loss turns NaN at once. The weights were non-finite before the step.
 """
@@ -9,11 +9,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-EXPECTED = {"step": 20, "trigger": "nonfinite_loss", "cause": "weights_nonfinite", "phase": "state",
+EXPECTED = {"step": 80, "trigger": "nonfinite_loss", "cause": "weights_nonfinite", "phase": "state",
             "module": "gru", "op": None, "tensor": "gru.weight_hh_l0"}
 RECOVERABLE = True
 TAGS = ("gru", "fp32")
-STEPS = 50
+STEPS = 160
 
 
 class SequenceClassifier(nn.Module):
@@ -36,11 +36,11 @@ def main(attach=None, steps=None, fault=True):
     guard = attach(model, optimizer, scheduler=None, scaler=None) if attach else None
     best = None
     for step in range(steps):
-        if step == 10:
+        if step == 60:
             best = {k: v.clone() for k, v in model.state_dict().items()}
             if fault:
                 best["gru.weight_hh_l0"][5, 2] = float("inf")  # written by an overflowed run
-        if step == 20:
+        if step == 80:
             model.load_state_dict(best)
         idx = torch.arange(step * 32, step * 32 + 32) % len(X)
         loss = F.cross_entropy(model(X[idx]), Y[idx])

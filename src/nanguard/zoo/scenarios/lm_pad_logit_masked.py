@@ -14,7 +14,7 @@ EXPECTED = {"step": 16, "trigger": "nonfinite_loss", "cause": "masked_target_log
             "module": None, "op": "aten::nll_loss_forward", "tensor": "labels"}
 RECOVERABLE = True
 TAGS = ("gru", "fp32", "language-model")
-STEPS = 40
+STEPS = 100
 VOCAB, LENGTH, PAD = 14, 10, 0
 
 

@@ -1,18 +1,18 @@
 """Pure fp16 training with a static loss scale: the scaled gradients overflow float16.
 
 An MLP kept in float16 (model.half(), SGD) multiplies its loss by a fixed 2**16 before backward, as
-old apex "static loss scaling" recipes did, and divides the gradients afterwards. At step 12 a batch
-with a larger error makes a scaled activation gradient pass 65504: inf in the backward, while the same
-step in float32 is finite. Use a dynamic GradScaler or bf16.
+old apex "static loss scaling" recipes did, and divides the gradients afterwards. With a summed loss
+the scaled gradient of the last layer's weight passes 65504 from the first step: inf in the backward,
+while the same step in float32 is finite. Use a dynamic GradScaler or bf16.
 """
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-EXPECTED = {"step": None, "trigger": "nonfinite_grad", "cause": "backward_overflow", "phase": "backward",
-            "module": None, "op": None, "tensor": None}
-RECOVERABLE = True
+EXPECTED = {"step": 0, "trigger": "nonfinite_grad", "cause": "backward_overflow", "phase": "backward",
+            "module": "fc3", "op": "aten::addmm", "tensor": None}
+RECOVERABLE = False
 TAGS = ("mlp", "fp16", "loss_scale")
 STEPS = 40
 LOSS_SCALE = 2.0 ** 16

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 EXPECTED = {"step": 0, "trigger": "nonfinite_grad", "cause": "gradient_explosion", "phase": "backward",
-            "module": None, "op": None, "tensor": None}
+            "module": "rnn", "op": None, "tensor": None}
 RECOVERABLE = False
 TAGS = ("rnn", "fp32")
 STEPS = 20

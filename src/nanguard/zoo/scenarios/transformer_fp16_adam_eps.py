@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 EXPECTED = {"step": 0, "trigger": "nonfinite_weights", "cause": "update_overflow", "phase": "optimizer",
-            "module": None, "op": None, "tensor": None}
+            "module": "embed", "op": None, "tensor": "embed.weight"}
 RECOVERABLE = False
 TAGS = ("transformer", "fp16")
 STEPS = 20

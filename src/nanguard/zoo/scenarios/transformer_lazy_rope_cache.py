@@ -1,8 +1,9 @@
 """A lazily built rotary-position cache is wrong on the one call that (re)builds it.
 
 A tiny transformer classifier with rotary position embeddings (fp32, AdamW). The cos/sin tables are
-cached per sequence length; the cache-building code allocates the new tables with ``torch.full(nan)``
-as a "not filled" sentinel and, by an off-by-one, fills them only on the *next* call. Sequences were 8
+cached per sequence length, built eagerly for the usual length 8. Growing the cache for a new length
+allocates the table with ``torch.full(nan)`` as a "not filled" sentinel and, by an off-by-one, fills it
+only on the *next* call. Sequences were 8
 long until step 28 brings length 12: that call uses the unfilled NaN table. A replay of the step uses
 the now-filled cache and is finite: from the replay's point of view the fault is transient
 (nondeterministic): state outside the model's parameters and buffers changed between the calls.
@@ -24,7 +25,7 @@ class Rotary(nn.Module):
     def __init__(self, dim: int, buggy: bool) -> None:
         super().__init__()
         self.dim, self.buggy = dim, buggy
-        self.tables: dict[int, torch.Tensor] = {}
+        self.tables: dict[int, torch.Tensor] = {8: self._angles(8)}  # built eagerly for the usual length
 
     def table(self, length: int) -> torch.Tensor:
         if length not in self.tables:
