@@ -824,7 +824,7 @@ class Guard:
 
         def diagnose() -> tuple[Diagnosis, dict[str, Any]]:
             # Under FSDP every forward all-gathers parameters: no rank may replay alone, so no replay at all.
-            diagnosis, details = self._diagnose_here(*args, forensics=not sharded)
+            diagnosis, details = self._diagnose_here(*args, replay=not sharded)
             return diagnosis, {**details, "diagnosed_on_rank": self.rank}
 
         def fallback() -> tuple[Diagnosis, dict[str, Any]]:
@@ -834,13 +834,13 @@ class Guard:
         return result[0], dict(result[1])
 
     def _diagnose_here(self, step: int, trigger: str, capture: StepCapture | None, batch: dict[str, Any], loss: float,
-                       norm: float, update_applied: bool, state_is_pre_step: bool, forensics: bool = True,
+                       norm: float, update_applied: bool, state_is_pre_step: bool, replay: bool = True,
                        ) -> tuple[Diagnosis, dict[str, Any]]:
         renamed = getattr(self, "_renamed", {})
         history = {renamed.get(k, k): [v for s, v in pairs if s < step] for k, pairs in self.batch_scale_history.items()}
         spike_stats = self._spike_summary()
         models = self.models or []
-        if forensics and self.config.forensics and self._investigations < self.config.forensics_max_events and trigger != "divergence":
+        if replay and self.config.forensics and self._investigations < self.config.forensics_max_events and trigger != "divergence":
             self._investigations += 1
             try:
                 from nanguard import forensics

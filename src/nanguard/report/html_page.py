@@ -25,8 +25,8 @@ from nanguard.report.text import (
     format_number,
     format_time,
     split_code_spans,
-    summary_value,
     steps_phrase,
+    summary_value,
     trigger_phrase,
 )
 

@@ -10,7 +10,6 @@ on GitHub and in any CommonMark viewer. Names are escaped whole (:func:`md_liter
 from __future__ import annotations
 
 import html
-import json
 import re
 from collections.abc import Mapping
 from typing import Any

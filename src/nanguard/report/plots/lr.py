@@ -9,6 +9,15 @@ from nanguard.report.load import EventRecord, HistoryRow
 from nanguard.report.plots.style import ACTION_COLORS, figure, set_margins, to_png
 
 
+MAX_CUT_LABELS = 12
+
+
+def cuts(points: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
+    """The (step, new multiplier) of every step down; the slow recovery in between is not a cut."""
+    return [(step, value) for (_, before), (step, value) in zip(points, points[1:], strict=False)
+            if value < before and not math.isclose(value, before)]
+
+
 def plot_lr_multiplier(history: Sequence[HistoryRow], events: Sequence[EventRecord]) -> bytes | None:
     """A step curve of ``lr_multiplier``; ``None`` when it never leaves 1 (nothing to show)."""
     points = [(row.step, row.lr_multiplier) for row in history
@@ -24,6 +33,9 @@ def plot_lr_multiplier(history: Sequence[HistoryRow], events: Sequence[EventReco
         for event in events:
             if event.action in ("lr_backoff", "rollback"):
                 ax.axvline(event.step, color=ACTION_COLORS[event.action], linestyle="--", linewidth=1.0)
+        for step, value in cuts(points)[:MAX_CUT_LABELS]:
+            ax.annotate(f"×{value:.2g}", (step, value), xytext=(4, -4), textcoords="offset points", ha="left",
+                        va="top", fontsize=8, fontweight="bold", color=ACTION_COLORS["lr_backoff"])
         ax.set_ylim(0, max(1.05, max(values) * 1.05))
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("guard's LR multiplier")

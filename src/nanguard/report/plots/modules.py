@@ -170,7 +170,9 @@ def plot_module_magnitudes(stats: Sequence[ModuleStat], highlight: str | None = 
         ax.grid(axis="y", visible=False)
         from matplotlib.patches import Patch
 
-        handles = [Patch(color=ACT_COLOR, label="activation |max|"), Patch(color=GRAD_COLOR, label="gradient |max|")]
+        handles = [Patch(color=color, label=label) for color, label, key in
+                   ((ACT_COLOR, "activation |max|", "act_absmax"), (GRAD_COLOR, "gradient |max|", "grad_absmax"))
+                   if any(_positive(getattr(s, key)) for s in chosen)]
         if any(s.nonfinite for s in chosen):
             handles.append(Patch(color=NONFINITE_COLOR, alpha=0.15, label="saw NaN/Inf"))
         if highlight is not None and any(s.module == highlight for s in chosen):
