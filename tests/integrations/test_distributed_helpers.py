@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 from torch import nn
 
 from nanguard import distributed as dist_utils
-from nanguard.events import Diagnosis
 from nanguard.signals import all_finite, total_norm
 
 
