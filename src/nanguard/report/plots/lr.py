@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
 from nanguard.report.load import EventRecord, HistoryRow
 from nanguard.report.plots.style import ACTION_COLORS, figure, set_margins, to_png
 
-
 MAX_CUT_LABELS = 12
 
 
 def cuts(points: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
     """The (step, new multiplier) of every step down; the slow recovery in between is not a cut."""
-    return [(step, value) for (_, before), (step, value) in zip(points, points[1:], strict=False)
+    return [(step, value) for (_, before), (step, value) in itertools.pairwise(points)
             if value < before and not math.isclose(value, before)]
 
 
