@@ -28,7 +28,7 @@ from _common import describe_machine, machine_info, markdown_table
 from nanguard.zoo import EXPECTED_FIELDS, Scenario, load_scenarios
 from nanguard.zoo.harness import RunResult, compare, run_api, run_cli
 
-SCORED = ("cause", "phase", "module", "op")
+SCORED = ("cause", "phase", "module", "op", "tensor")
 
 
 def diagnosis_step_times(result: RunResult) -> float | None:
@@ -84,7 +84,7 @@ def table_for(mode: str, scenarios: list[Scenario], results: dict[str, RunResult
             *(_cell(*fields[f]) for f in ("step", "trigger", *SCORED)),
             f"{latency:.1f}" if latency is not None else "-",
         ])
-    header = ["scenario", "expected cause", "all match", "step", "trigger", "cause", "phase", "module", "op", "step-times to diagnosis"]
+    header = ["scenario", "expected cause", "all match", "step", "trigger", "cause", "phase", "module", "op", "tensor", "step-times to diagnosis"]
     return markdown_table(header, rows), totals
 
 

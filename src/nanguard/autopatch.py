@@ -269,7 +269,7 @@ def run_script(script: Path, script_args: list[str], config: GuardConfig) -> int
         status = 1
         session.close("aborted")
     except BaseException as exc:
-        traceback.print_exc()
+        _print_user_traceback(exc, script)
         _diagnose_crash(session, exc)
         status = 130 if isinstance(exc, KeyboardInterrupt) else 1
         session.close("error")
@@ -277,6 +277,20 @@ def run_script(script: Path, script_args: list[str], config: GuardConfig) -> int
         sys.argv, sys.path = saved_argv, saved_path
         session.close("finished" if status == 0 else "error")
     return status
+
+
+def _print_user_traceback(exc: BaseException, script: Path) -> None:
+    """The traceback as ``python SCRIPT`` would print it: starting at the script, without nanguard's frames."""
+    tb = exc.__traceback__
+    target = str(script.resolve())
+    while tb is not None and str(Path(tb.tb_frame.f_code.co_filename).resolve()) != target:
+        tb = tb.tb_next
+    package = str(Path(__file__).resolve().parent)
+    frames = [f for f in traceback.extract_tb(tb if tb is not None else exc.__traceback__)
+              if str(Path(f.filename).resolve()) == target or not str(Path(f.filename).resolve()).startswith(package)]
+    print("Traceback (most recent call last):", file=sys.stderr)
+    print("".join(traceback.format_list(frames)), end="", file=sys.stderr)
+    print("".join(traceback.format_exception_only(type(exc), exc)), end="", file=sys.stderr)
 
 
 def _exit_status(code: Any) -> int:

@@ -109,6 +109,35 @@ def write_run(run_dir: Path, *, evil: bool = False, summary: bool = True, histor
     return run_dir
 
 
+def write_rollback_run(run_dir: Path, *, history: bool = True) -> Path:
+    """50 steps; rollbacks at 20 and 35 each halve the LR multiplier, which recovers slowly in between.
+
+    The event at step 10 is a skip whose culprit is the root module (name ``''``).
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    multipliers, value = [], 1.0
+    for step in range(50):
+        value = value * 0.5 if step in (20, 35) else min(1.0, value * 1.01)
+        multipliers.append(value)
+    actions = {10: ("skip", "nonfinite_loss"), 20: ("rollback", "loss_spike"), 35: ("rollback", "nonfinite_loss")}
+    log = EventLog(run_dir / "events.jsonl")
+    for step, (action, trigger) in actions.items():
+        diagnosis = Diagnosis(cause="input_nonfinite", phase="data", module="", tensor="loss_mask",
+                              fixes=["Drop the rows: batch field `loss_mask` holds NaN (rows [1])."]) \
+            if step == 10 else Diagnosis(cause="unknown", phase="unknown")
+        log.on_event(Event(step=step, trigger=trigger, action=action, loss=float("nan"), diagnosis=diagnosis,
+                           details={"lr_multiplier": multipliers[step]}).to_dict())
+    log.close()
+    if history:
+        hist = HistoryLog(run_dir / "history.csv")
+        for step, multiplier in enumerate(multipliers):
+            action, trigger = actions.get(step, ("none", ""))
+            hist.on_step({"step": step, "loss": 2.0 - step / 100, "grad_norm": 1.0, "lr": 1e-3 * multiplier,
+                          "lr_multiplier": multiplier, "action": action, "trigger": trigger})
+        hist.close()
+    return run_dir
+
+
 def read_event_dicts(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines() if line.strip()]
 
@@ -127,6 +156,11 @@ def evil_run_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def make_run():
     return write_run
+
+
+@pytest.fixture
+def rollback_run_dir(tmp_path: Path) -> Path:
+    return write_rollback_run(tmp_path / "rollbacks")
 
 
 @pytest.fixture

@@ -131,3 +131,15 @@ def test_defaults_to_stderr_and_validates(capsys) -> None:
     null.on_event(EVENT.to_dict())
     null.close({})
     assert capsys.readouterr() == ("", "")
+
+
+def test_root_module_reads_as_words_in_the_event_block() -> None:
+    stream = FakeStream(tty=False)
+    root = Event(step=3, trigger="nonfinite_loss", action="skip", loss=math.nan,
+                 diagnosis=Diagnosis(cause="input_nonfinite", phase="data", module="", tensor="loss_mask"))
+    LiveConsole(stream).on_event(root.to_dict())
+    cause = stream.getvalue().splitlines()[1]
+    assert cause == "  cause: input_nonfinite in data; (root module), tensor 'loss_mask'"
+    unlocated = Event(step=4, trigger="loss_spike", action="skip", diagnosis=Diagnosis(cause="unknown", phase="unknown"))
+    LiveConsole(stream).on_event(unlocated.to_dict())
+    assert stream.getvalue().splitlines()[-1] == "  cause: unknown in unknown"

@@ -93,3 +93,10 @@ def test_events_errors(tmp_path: Path, capsys, make_run) -> None:
     assert code == 2 and "has no events.jsonl" in err
     code, _, err = run_cli(capsys, "events", str(make_run(tmp_path / "r")), "--cause", "nan_everywhere")
     assert code == 2 and "--cause 'nan_everywhere' is not a known cause" in err
+
+
+def test_events_names_the_root_module(rollback_run_dir: Path, capsys) -> None:
+    code, out, _ = run_cli(capsys, "events", str(rollback_run_dir), "--step", "10")
+    assert code == 0
+    assert out.splitlines()[1] == "  cause: input_nonfinite in data; (root module), tensor 'loss_mask'"
+    assert "module ''" not in out

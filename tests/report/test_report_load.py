@@ -62,7 +62,7 @@ def test_history_tolerates_empty_cells_and_missing_columns(tmp_path: Path) -> No
     rows = load_history(path)
     assert [row.step for row in rows] == [0, 1, 2]
     assert rows[0].grad_norm is None and rows[0].action == "none" and rows[0].lr_multiplier is None
-    assert math.isnan(rows[1].loss) and rows[1].grad_norm == math.inf
+    assert rows[1].loss is not None and math.isnan(rows[1].loss) and rows[1].grad_norm == math.inf
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nanguard.report.load import EventRecord, ModuleStat, load_run
+from nanguard.report.load import EventRecord, HistoryRow, ModuleStat, RunData, load_run
 from nanguard.report.overview import headline, rank_fixes, run_outcome, summarise
 from nanguard.report.plots.curves import stagger_labels, thin
 from nanguard.report.plots.modules import dtype_limit, select_modules
@@ -127,7 +127,8 @@ def test_stagger_labels_never_overlaps_on_a_row(positions: list[float]) -> None:
 def test_dtype_limits() -> None:
     assert dtype_limit("torch.float16") == 65504.0
     assert dtype_limit("half") == 65504.0
-    assert dtype_limit("bf16") == dtype_limit("bfloat16") > 3e38
+    bf16 = dtype_limit("bf16")
+    assert bf16 is not None and bf16 == dtype_limit("bfloat16") and bf16 > 3e38
     assert dtype_limit("torch.int8") is None and dtype_limit(None) is None
 
 
@@ -147,3 +148,29 @@ def test_thin_keeps_extremes_and_order(values: list[float], limit: int) -> None:
     assert len(kept) <= (len(points) if len(points) <= limit else limit + 2)
     assert [s for s, _ in kept] == sorted({s for s, _ in kept})
     assert max(values) in {v for _, v in kept} and min(values) in {v for _, v in kept}
+
+
+def test_rollbacks_that_halve_the_lr_count_as_lr_backoffs(rollback_run_dir: Path) -> None:
+    """The demo said "LR backoffs 0" although both of its rollbacks halved the LR multiplier."""
+    assert summarise(load_run(rollback_run_dir)).lr_backoffs == 2
+    (rollback_run_dir / "history.csv").unlink()  # events alone carry details.lr_multiplier
+    assert summarise(load_run(rollback_run_dir)).lr_backoffs == 2
+
+
+def test_lr_backoffs_ignore_recovery_and_count_a_backoff_without_multiplier(run_dir: Path, tmp_path: Path) -> None:
+    assert summarise(load_run(run_dir)).lr_backoffs == 1  # the divergence backoff, seen in history
+    events_only = tmp_path / "events_only"
+    events_only.mkdir()
+    (events_only / "events.jsonl").write_text((run_dir / "events.jsonl").read_text())
+    assert summarise(load_run(events_only)).lr_backoffs == 1  # its event has no lr_multiplier: the action counts
+    (tmp_path / "history.csv").write_text("step,lr_multiplier\n0,1.0\n1,0.5\n2,0.55\n3,0.6\n4,0.6000000001\n5,0.3\n")
+    assert summarise(load_run(tmp_path)).lr_backoffs == 2
+
+
+@given(st.lists(st.floats(min_value=1e-6, max_value=1.0), max_size=40))
+def test_lr_backoffs_count_exactly_the_steps_down(multipliers: list[float]) -> None:
+    history = tuple(HistoryRow(step=i, lr_multiplier=m) for i, m in enumerate(multipliers))
+    run = RunData(Path("."), (), history, None, has_events_file=False, has_history_file=True)
+    previous = [1.0, *multipliers][: len(multipliers)]
+    expected = sum(m < p and not math.isclose(m, p) for m, p in zip(multipliers, previous, strict=True))
+    assert summarise(run).lr_backoffs == expected

@@ -5,16 +5,21 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
 from nanguard.errors import UsageError
 from nanguard.report import render_report, write_reports
-from nanguard.report.markdown_page import md_esc
+from nanguard.report.charts import MAX_MODULE_CHARTS
+from nanguard.report.markdown_page import md_esc, md_literal
+from nanguard.report.text import LR_BACKOFFS_LABEL, ROOT_MODULE, format_time
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -149,7 +154,8 @@ def test_user_strings_are_escaped_in_markdown(evil_run_dir: Path, facts) -> None
     md = (evil_run_dir / "report.md").read_text()
     assert "<script>" not in md and "<b>x</b>" not in md
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in md
-    assert md_esc("a_b|c*d`e") == r"a\_b\|c\*d\`e"
+    assert md_esc("a_b|c*d`e") == r"a_b\|c\*d\`e"  # intraword "_" cannot start emphasis: left readable
+    assert md_esc("_x_ [y](z)") == r"\_x\_ \[y\](z)"
 
 
 def test_markdown_content(run_dir: Path) -> None:
@@ -158,7 +164,7 @@ def test_markdown_content(run_dir: Path) -> None:
     assert md.startswith("<!-- nanguard report -->\n# nanguard run report")
     assert "**3 events: NaN loss at step 120 (skipped)" in md
     assert "## What to do" in md and "1. compute attention scores in float32" in md
-    assert "| 1 | 120 | nonfinite\\_loss | skip | forward\\_overflow | forward |" in md
+    assert "| 1 | 120 | nonfinite_loss | skip | forward_overflow | forward |" in md
     assert "![Loss and gradient norm against step, events marked](report_files/curves.png)" in md
     assert "(report_files/event1_modules.png)" in md
     assert "**Evidence**" in md and "**Fixes**" in md and "## Run summary" in md
@@ -213,3 +219,91 @@ def test_dollar_signs_in_module_names_do_not_break_plots(make_run, tmp_path: Pat
     (run_dir / "events.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     page = parse(render_report(run_dir))
     assert len(page.images) == 2
+
+
+def test_lr_backoff_tile_counts_rollbacks_that_halved_the_lr(rollback_run_dir: Path) -> None:
+    page = parse(render_report(rollback_run_dir))
+    raw = (rollback_run_dir / "report.html").read_text()
+    assert f"<b>2</b><span>{LR_BACKOFFS_LABEL}</span>" in raw
+    assert "rolled back" in " ".join(page.text)
+    md = (rollback_run_dir / "report.md").read_text()
+    header, _, values = md.split("\n\n", 2)[2].splitlines()[:3]
+    cells = dict(zip(header.strip("| ").split(" | "), values.strip("| ").split(" | "), strict=True))
+    assert cells[LR_BACKOFFS_LABEL] == "2" and cells["rollbacks"] == "2"
+
+
+def test_root_module_is_named_not_an_empty_code_tag(rollback_run_dir: Path) -> None:
+    html_path = render_report(rollback_run_dir)
+    raw = html_path.read_text()
+    page = parse(html_path)
+    assert "<code></code>" not in raw
+    assert page.table_rows[0][6] == ROOT_MODULE  # module column of the step-10 event
+    assert page.table_rows[1][6] == "—"  # not located stays a dash
+    assert f"{ROOT_MODULE}</span>, tensor <code>loss_mask</code>" in raw  # findings and card "Where"
+    md = (rollback_run_dir / "report.md").read_text()
+    assert "<code></code>" not in md
+    assert f"- Module: {ROOT_MODULE}" in md and f"Where: {ROOT_MODULE}, tensor <code>loss_mask</code>" in md
+    assert "| 1 | 10 | nonfinite_loss | skip | input_nonfinite | data | (root module) | — |" in md
+
+
+def test_markdown_keeps_backtick_code_spans_in_fixes_and_evidence(run_dir: Path) -> None:
+    """report.md showed \\`nanguard scan\\` literally: the escaped backticks broke the code span."""
+    render_report(run_dir)
+    md = (run_dir / "report.md").read_text()
+    assert "run `nanguard scan` on the data" in md
+    assert "\\`" not in md
+    raw = (run_dir / "report.html").read_text()
+    assert "run <code>nanguard scan</code> on the data" in raw  # the HTML page renders them as code too
+
+
+def test_markdown_escaping_keeps_structure_and_code() -> None:
+    assert md_esc("use `blocks.0.attn` now") == "use `blocks.0.attn` now"
+    assert md_esc("`a|b`", table=True) == r"`a\|b`" and md_esc("`a|b`") == "`a|b`"
+    assert md_esc("`<script>`") == "<code>&lt;script&gt;</code>"  # entities do not work inside code spans
+    assert md_esc("``a`b``") == "``a`b``"
+    assert md_esc("# not a heading") == r"\# not a heading" and md_esc("1. not a list") == r"1\. not a list"
+    assert md_esc("812.5") == "812.5" and md_esc("-inf") == "-inf"
+    assert md_literal("`x`") == r"\`x\`"
+
+
+@given(st.text(max_size=80))
+def test_markdown_escaping_never_emits_html_or_unpaired_structure(text: str) -> None:
+    for escaped in (md_esc(text), md_esc(text, table=True), md_literal(text)):
+        assert "<" not in escaped.replace("<code>", "").replace("</code>", "")
+        assert "\n" not in escaped and not escaped.startswith(("# ", "- ", "+ "))
+    assert re.search(r"(?<!\\)`", md_literal(text).replace("\\\\", "")) is None
+    assert re.search(r"(?<!\\)\|", md_esc(text, table=True).replace("\\\\", "")) is None
+
+
+def _events_with_module_stats(run_dir: Path, count: int, modules: int) -> None:
+    lines = read_events(run_dir)
+    template = lines[0]
+    stats = [{"module": f"layers.{i}", "dtype": "float16", "act_absmax": float(i + 1), "grad_absmax": 0.5,
+              "nonfinite": 3 if i == 7 else 0} for i in range(modules)]
+    records = [{**template, "step": 100 + k, "details": {"module_stats": stats}} for k in range(count)]
+    (run_dir / "events.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+
+
+def test_module_charts_are_capped_and_shared_between_html_and_markdown(run_dir: Path) -> None:
+    _events_with_module_stats(run_dir, count=MAX_MODULE_CHARTS + 2, modules=40)
+    page = parse(render_report(run_dir))
+    files = sorted((run_dir / "report_files").glob("event*_modules.png"))
+    assert [p.name for p in files] == [f"event{i}_modules.png" for i in range(1, MAX_MODULE_CHARTS + 1)]
+    inline = {base64.b64decode((image["src"] or "").split(",", 1)[1]) for image in page.images}
+    assert {p.read_bytes() for p in files} <= inline  # drawn once: the same bytes in both reports
+    text = " ".join(page.text)
+    assert text.count("Module chart omitted") == 2
+    assert "16 of 40 modules" in text
+    md = (run_dir / "report.md").read_text()
+    assert md.count("Module chart omitted") == 2 and md.count("_modules.png)") == MAX_MODULE_CHARTS
+
+
+def test_card_times_and_summary_values_read_as_words(run_dir: Path) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "aborted": False, "causes": ["a_b", "c"]}))
+    page = parse(render_report(run_dir))
+    text = " ".join(page.text)
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", text) and "+00:00" not in text
+    assert "a_b, c" in text and "False" not in text
+    assert format_time("2026-11-25T20:36:15.941711+00:00") == "2026-11-25 20:36:15 UTC"
+    assert format_time("yesterday") == "yesterday"

@@ -28,11 +28,6 @@ API_NO_CRASH_DIAGNOSIS = (
     "API mode: nanguard.Guard does not diagnose an exception raised inside the step (only `nanguard run` "
     "does, in autopatch._diagnose_crash), so a crashing step writes no event"
 )
-INPLACE_LOSS_OP_REPLAY = (
-    "capture.LossRecorder maps an in-place op's arguments after registering its output slot, so an op "
-    "that returns `self` (clamp_min_ inside F.cosine_similarity, copy_) refers to its own output: the "
-    "replay raises 'Expected a proper Tensor but got None' and the cause is unknown"
-)
 VIEW_NAMING = (
     "guard._rename_from_frames matches batch tensors to user variables by object identity only; the loss "
     "target is `labels.reshape(-1)`, a view, so it is reported by its schema name 'target'"
@@ -46,8 +41,6 @@ EVENT_GAPS: dict[tuple[str, str], str] = {
     ("mlp_label_out_of_range_crash", "api"): API_NO_CRASH_DIAGNOSIS,
     ("embbag_token_out_of_vocab", "api"): API_NO_CRASH_DIAGNOSIS,
     ("cnn_batchnorm_last_batch_of_one", "api"): API_NO_CRASH_DIAGNOSIS,
-    ("mlp_acos_angular_loss", "api"): INPLACE_LOSS_OP_REPLAY,
-    ("mlp_acos_angular_loss", "cli"): INPLACE_LOSS_OP_REPLAY,
     ("lm_pad_logit_masked", "api"): VIEW_NAMING,
     ("lm_pad_logit_masked", "cli"): VIEW_NAMING,
 }

@@ -11,8 +11,8 @@ from nanguard.report.text import trigger_phrase
 MAX_MODULE_CHARTS = 3
 """Per-module charts are drawn for the first few events that have module stats: those tell the story
 (later events are usually its consequences), and each chart costs a few hundred milliseconds."""
-MODULE_CHART_OMITTED = "Module chart omitted (only the first {limit} events get one): see details.module_stats " \
-                       "in events.jsonl."
+MODULE_CHART_OMITTED = ("Module chart omitted (only the first {limit} events get one): "
+                        "see details.module_stats in events.jsonl.")
 
 
 @dataclass(frozen=True)

@@ -123,9 +123,9 @@ def _overview(content: ReportContent) -> list[str]:
         lines.append("Nothing: no step needed the guard.")
     for index, event in enumerate(run.events, start=1):
         where = _where(event)
-        lines.append(f"{index}. **Step {event.step}**: {_what(event)} → {md_esc(action_phrase(event.action))} — "
-                     f"cause **{md_esc(cause_phrase(event.cause))}** ({_code(event.cause)}, {md_esc(event.phase)} "
-                     f"phase){'; ' + where if where else ''}")
+        lines.append(f"{index}. **Step {event.step}**: **{_what(event)}** → {md_esc(action_phrase(event.action))}<br>"
+                     f"Cause: {md_esc(cause_phrase(event.cause))} ({_code(event.cause)}, {md_esc(event.phase)} "
+                     f"phase){' · Where: ' + where if where else ''}")
     if ov.top_fixes:
         lines += ["", "## What to do", ""]
         lines += [f"{i}. {md_esc(fix)} ({steps_phrase(steps)})"

@@ -34,7 +34,7 @@ def plot_lr_multiplier(history: Sequence[HistoryRow], events: Sequence[EventReco
             if event.action in ("lr_backoff", "rollback"):
                 ax.axvline(event.step, color=ACTION_COLORS[event.action], linestyle="--", linewidth=1.0)
         for step, value in cuts(points)[:MAX_CUT_LABELS]:
-            ax.annotate(f"×{value:.2g}", (step, value), xytext=(4, -4), textcoords="offset points", ha="left",
+            ax.annotate(f"→ {value:.2g}", (step, value), xytext=(4, -4), textcoords="offset points", ha="left",
                         va="top", fontsize=8, fontweight="bold", color=ACTION_COLORS["lr_backoff"])
         ax.set_ylim(0, max(1.05, max(values) * 1.05))
         ax.set_xlabel("optimizer step")

@@ -133,11 +133,14 @@ def apply_scale(ax: Any, values: Iterable[float], axis: str = "y") -> str:
 
 
 def log_tick(value: float, _position: Any = None) -> str:
-    """"0.01", "1", "1000", "1e+06": what people read, without mathtext's "$10^{6}$" typesetting."""
+    """"0.01", "1", "1000", "1e6": what people read, without mathtext's "$10^{6}$" typesetting."""
     if value == 0:
         return "0"
     magnitude = abs(value)
-    return f"{value:g}" if 1e-3 <= magnitude < 1e5 else f"{value:.0e}".replace("e+0", "e+").replace("e-0", "e-")
+    if 1e-3 <= magnitude < 1e5:
+        return f"{value:g}"
+    mantissa, exponent = f"{value:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
 
 
 def plain_log_ticks(axis: Any) -> None:
