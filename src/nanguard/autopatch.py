@@ -33,8 +33,6 @@ import torch
 
 from nanguard.config import PRESETS, GuardConfig, resolve_config
 from nanguard.errors import TrainingAborted, UsageError
-from nanguard.events import Diagnosis, Event
-from nanguard.forensics.request import InvestigationRequest, StepCapture
 from nanguard.guard import _ACTIVE_GUARDS, Guard, _set_aside_previous_run
 from nanguard.record import EventLog, HistoryLog, Sink, write_json_atomic
 
@@ -303,56 +301,10 @@ def _exit_status(code: Any) -> int:
 
 
 def _diagnose_crash(session: Session, exc: BaseException) -> None:
-    """The step raised (e.g. ``Target 101 is out of bounds``): diagnose from the batch and write an abort event."""
+    """The step raised (e.g. ``Target 101 is out of bounds``): the first guard writes an abort event for it."""
     guard = session.guards[0] if session.guards else None
     if guard is None or isinstance(exc, KeyboardInterrupt):
         return
-    guard.recorder.stop_recording()
-    batch = _tensors_from_traceback(exc)
-    for name, value in guard.recorder.batch().items():
-        batch.setdefault(name, value)
-    step = guard.step_count
-    diagnosis = Diagnosis(cause="unknown", phase="unknown", evidence=[f"the step raised {type(exc).__name__}: {exc}"])
-    details: dict[str, Any] = {"exception": f"{type(exc).__name__}: {exc}"}
-    try:
-        from nanguard import forensics
-
-        investigate = getattr(forensics, "investigate", None)
-        if investigate is not None:
-            request = InvestigationRequest(
-                step=step, trigger="nonfinite_loss", models=guard.models, optimizer=guard.optimizer,
-                capture=StepCapture(rerun=None, batch=batch), exception=exc,
-                loss_history=list(guard.loss_history), grad_norm_history=list(guard.grad_history),
-                batch_scale_history={k: [v for _, v in pairs] for k, pairs in guard.batch_scale_history.items()},
-            )
-            result = investigate(request)
-            diagnosis = result.diagnosis
-            details.update(getattr(result, "details", {}) or {})
-    except Exception as inner:  # keep the user's own error in front
-        details["forensics_error"] = repr(inner)
-    event = Event(step=step, trigger="nonfinite_loss", action="abort", diagnosis=diagnosis, rank=guard.rank, details=details)
-    guard._emit(event)
-    if not session.config.console:
+    event = guard.record_crash(exc)
+    if event is not None and not session.config.console:
         print(event.summary(), file=sys.stderr)
-
-
-def _tensors_from_traceback(exc: BaseException) -> dict[str, Any]:
-    """Tensors visible in the user's frames of the traceback, innermost first, named as the user named them."""
-    frames = []
-    tb = exc.__traceback__
-    while tb is not None:
-        frames.append(tb.tb_frame)
-        tb = tb.tb_next
-    found: dict[str, Any] = {}
-    seen: set[int] = set()
-    for frame in reversed(frames):
-        module = frame.f_globals.get("__name__", "")
-        if module.startswith(("torch", "nanguard")):
-            continue
-        for name, value in frame.f_locals.items():
-            items = value.items() if isinstance(value, dict) else [(name, value)]
-            for key, inner in items:
-                if isinstance(inner, torch.Tensor) and not isinstance(inner, torch.nn.Parameter) and id(inner) not in seen:
-                    seen.add(id(inner))
-                    found.setdefault(str(key), inner)
-    return found

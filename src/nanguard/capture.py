@@ -203,9 +203,19 @@ class StepRecorder:
             for name, value in named_call_arguments(call.module, call.args, call.kwargs).items():
                 named[prefix + name] = value
             if call.recorder is not None:
+                seen = {id(v) for v in named.values()}
                 for op in call.recorder.ops:
                     for arg_name, value in _loss_tensor_args(op):
-                        named.setdefault(f"{prefix}{arg_name}", value)
+                        if id(value) not in seen:
+                            named.setdefault(f"{prefix}{arg_name}", value)
+                            seen.add(id(value))
+                # Other data the loss code used (labels before a reshape, a mask): named by the user's frames later.
+                for op in call.recorder.ops:
+                    for value in tree_flatten((op.args, op.kwargs))[0]:
+                        if (isinstance(value, torch.Tensor) and id(value) not in seen and not value.requires_grad
+                                and not isinstance(value, torch.nn.Parameter) and value.dim() > 0):
+                            named.setdefault(f"{prefix}loss_input{len(seen)}", value)
+                            seen.add(id(value))
         return named
 
     def build_rerun(self, scale_of_backward: Callable[[], torch.Tensor | None] | None = None) -> Callable[[], torch.Tensor | None]:
@@ -271,3 +281,30 @@ def _rerun_call(call: ForwardCall) -> torch.Tensor | None:
         target.backward(call.backward_gradient)
     loss = values.get(call.loss_slot.key) if call.loss_slot is not None else target
     return loss if isinstance(loss, torch.Tensor) else target
+
+
+def is_library_module(name: str) -> bool:
+    """torch's and nanguard's own frames (not a user package that merely starts with those letters)."""
+    return any(name == root or name.startswith(root + ".") for root in ("torch", "nanguard"))
+
+
+def tensors_from_traceback(exc: BaseException) -> dict[str, Any]:
+    """Tensors visible in the user's frames of the traceback, innermost first, named as the user named them."""
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    found: dict[str, Any] = {}
+    seen: set[int] = set()
+    for frame in reversed(frames):
+        module = frame.f_globals.get("__name__", "")
+        if is_library_module(module):
+            continue
+        for name, value in frame.f_locals.items():
+            items = value.items() if isinstance(value, dict) else [(name, value)]
+            for key, inner in items:
+                if isinstance(inner, torch.Tensor) and not isinstance(inner, torch.nn.Parameter) and id(inner) not in seen:
+                    seen.add(id(inner))
+                    found.setdefault(str(key), inner)
+    return found

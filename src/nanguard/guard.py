@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from nanguard import distributed as dist_utils
-from nanguard.capture import StepRecorder, named_call_arguments
+from nanguard.capture import StepRecorder, is_library_module, named_call_arguments, tensors_from_traceback
 from nanguard.config import GuardConfig, resolve_config
 from nanguard.errors import TrainingAborted, UsageError
 from nanguard.events import Diagnosis, Event
@@ -177,8 +177,6 @@ class Guard:
             self.sinks += self._optional_sinks()
         self._own_records = own_records
         self._install()
-        if self.config.snapshot_every:
-            self._take_snapshot()
 
     # ------------------------------------------------------------------ setup
     def _optional_sinks(self) -> list[Sink]:
@@ -245,8 +243,6 @@ class Guard:
         self.models.append(model)
         self._hook_model(model)
         self.snapshots = SnapshotRing(self.config.snapshot_keep)
-        if self.config.snapshot_every:
-            self._take_snapshot()
 
     def attach_scaler(self, scaler: Any) -> None:
         """Watch a ``torch.amp.GradScaler``: read unscaled losses and count the steps it skips."""
@@ -365,7 +361,11 @@ class Guard:
         rng = RngState.capture()
         self.recorder.reset()
         self._pending_loss = None
-        loss = closure()
+        try:
+            loss = closure()
+        except Exception as exc:
+            self.record_crash(exc)
+            raise
         if isinstance(loss, torch.Tensor) and self._pending_loss is None:
             self.observe_loss(loss)
         self._closure_capture = StepCapture(rerun=closure, rng_state=rng)
@@ -400,6 +400,10 @@ class Guard:
         self.step_count += 1
         self.optimizer._opt_called = True  # type: ignore[attr-defined]  # what an LR scheduler checks for
         self.recorder.stop_recording()
+        if self.config.snapshot_every and not len(self.snapshots):
+            # The first snapshot is taken at the first step, not at construction: a script that loads a
+            # checkpoint after creating its optimizer must roll back to the loaded state, not the initial one.
+            self._take_snapshot()
         try:
             self._process_readbacks(wait_until=step - 1 if self.device_mode and dist_utils.is_distributed() else None)
             if self._skip_remaining > 0:
@@ -796,6 +800,11 @@ class Guard:
                       details={**details, "reason": decision.reason, "lr_multiplier": self.policy.lr_multiplier})
         if decision.rollback:
             event.details["rolled_back_to_step"] = self._rollback()
+        elif decision.action == "skip":
+            repaired = self._repair_buffers()
+            if repaired:
+                event.details["repaired_buffers"] = repaired
+                diagnosis.evidence.append(f"the bad forward had written NaN/Inf into {', '.join(repaired[:4])}; restored from the newest snapshot")
         self._emit(event)
         self._write_row(step, loss, norm, decision.action, trigger, loss_scale=values[F_LOSS_SCALE])
         if decision.abort:
@@ -941,6 +950,26 @@ class Guard:
         self.snapshots.take(self.step_count, self.models, self.optimizer, self.scaler if self.scaler_enabled else None,
                             None, extra={"stats": self.stats.state_dict()})
 
+    def _repair_buffers(self) -> list[str]:
+        """A skipped step's forward has already run: BatchNorm running statistics may hold its NaN.
+
+        Skipping the update does not undo that, and eval would then return NaN. Non-finite buffers are put back
+        from the newest snapshot (running statistics a few steps old are harmless; NaN ones are not).
+        """
+        bad = [(i, name, buf) for i, model in enumerate(self.models) for name, buf in model.named_buffers()
+               if buf.is_floating_point() and not bool(torch.isfinite(buf).all())]
+        if not bad:
+            return []
+        snap = self.snapshots.newest_finite()
+        repaired = []
+        with torch.no_grad():
+            for i, name, buf in bad:
+                saved = snap.models[i].get(name) if snap is not None and i < len(snap.models) else None
+                if isinstance(saved, torch.Tensor) and saved.shape == buf.shape:
+                    buf.copy_(saved)
+                    repaired.append(name)
+        return repaired
+
     def _rollback(self) -> int | None:
         """Restore the newest trustworthy snapshot.
 
@@ -1053,11 +1082,43 @@ class Guard:
         except Exception as exc:  # a report must never turn a finished run into a failed one
             warnings.warn(f"nanguard: could not write the report in {self.out_dir}: {exc}", stacklevel=2)
 
+    def record_crash(self, exc: BaseException) -> Event | None:
+        """The step itself raised (``Target 101 is out of bounds``, a BatchNorm batch of one): diagnose it from
+        the batch and the error, and write an ``abort`` event. The caller re-raises; the user's error stays."""
+        if isinstance(exc, (KeyboardInterrupt, TrainingAborted)) or self._closed:
+            return None
+        self.recorder.stop_recording()
+        batch = tensors_from_traceback(exc)
+        for name, value in self.recorder.batch().items():
+            batch.setdefault(name, value)
+        step = self.step_count
+        diagnosis = Diagnosis(cause="unknown", phase="unknown", evidence=[f"the step raised {type(exc).__name__}: {exc}"])
+        details: dict[str, Any] = {"exception": f"{type(exc).__name__}: {exc}"}
+        try:
+            from nanguard import forensics
+
+            request = InvestigationRequest(
+                step=step, trigger="nonfinite_loss", models=self.models, optimizer=self.optimizer,
+                capture=StepCapture(rerun=None, batch=batch), exception=exc,
+                loss_history=list(self.loss_history), grad_norm_history=list(self.grad_history),
+                batch_scale_history={k: [v for _, v in pairs] for k, pairs in self.batch_scale_history.items()},
+            )
+            result = forensics.investigate(request)
+            diagnosis = result.diagnosis
+            details.update(getattr(result, "details", {}) or {})
+        except Exception as inner:  # keep the user's own error in front
+            details["forensics_error"] = repr(inner)
+        event = Event(step=step, trigger="nonfinite_loss", action="abort", diagnosis=diagnosis, rank=self.rank, details=details)
+        self._emit(event)
+        return event
+
     def __enter__(self) -> Guard:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close(status="error" if exc[0] is not None and exc[0] is not TrainingAborted else "finished")
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is not None and not isinstance(exc, TrainingAborted):
+            self.record_crash(exc)
+        self.close(status="error" if exc is not None and not isinstance(exc, TrainingAborted) else "finished")
 
 
 @contextlib.contextmanager
@@ -1098,6 +1159,13 @@ def _set_aside_previous_run(out_dir: Path) -> None:
             (out_dir / folder).rename(target / folder)
 
 
+def _storage_key(tensor: torch.Tensor) -> tuple[int, int, int]:
+    try:
+        return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
+        return (id(tensor), 0, -1)
+
+
 def _rename_from_frames(named: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     """Prefer the user's own names for batch tensors: a key of a dict in their loop, or a local variable.
 
@@ -1106,17 +1174,21 @@ def _rename_from_frames(named: dict[str, Any]) -> tuple[dict[str, Any], dict[str
     if not named:
         return named, {}
     by_id = {id(v): k for k, v in named.items()}
+    # A reshape or view of the user's tensor (``labels.reshape(-1)``) shares its storage and size.
+    by_storage = {_storage_key(v): id(v) for v in named.values() if isinstance(v, torch.Tensor)}
     renamed: dict[int, str] = {}
     frame = sys._getframe(1)
     depth = 0
     while frame is not None and depth < 40:
         module = frame.f_globals.get("__name__", "")
-        if not (module.startswith("nanguard") or module.startswith("torch")):
+        if not is_library_module(module):
             for var, value in list(frame.f_locals.items()):
                 if var.startswith("_"):
                     continue
                 if isinstance(value, torch.Tensor) and id(value) in by_id:
                     renamed.setdefault(id(value), var)
+                elif isinstance(value, torch.Tensor) and _storage_key(value) in by_storage:
+                    renamed.setdefault(by_storage[_storage_key(value)], var)
                 elif isinstance(value, dict):
                     for key, inner in value.items():
                         if isinstance(inner, torch.Tensor) and id(inner) in by_id and isinstance(key, str):

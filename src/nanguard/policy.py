@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from nanguard.config import GuardConfig
 
 STATE_CAUSES = frozenset({"weights_nonfinite", "optimizer_state_nonfinite", "update_overflow"})
+CORRUPTION_CAUSES = frozenset({"weights_nonfinite", "optimizer_state_nonfinite"})
 # Causes that live in the batch: skipping the batch is the whole remedy.
 DATA_CAUSES = frozenset({
     "input_nonfinite", "label_out_of_range", "input_extreme_scale", "masked_softmax_all_masked",
@@ -61,8 +62,13 @@ class EscalationPolicy:
         if self._wants_rollback(cause, update_applied) or (cfg.on_nonfinite == "rollback" and trigger.startswith("nonfinite")):
             if can_rollback:
                 self.rollbacks += 1
-                self._back_off()
-                return Decision("rollback", rollback=True, lr_backoff=True, reason="restored the newest good snapshot")
+                # Corrupted state (an inf written into a weight, a NaN in Adam's moments) says nothing about the
+                # learning rate the first time; a repeat, or any other cause, does.
+                back_off = cause not in CORRUPTION_CAUSES or self.rollbacks > 1
+                if back_off:
+                    self._back_off()
+                return Decision("rollback", rollback=True, lr_backoff=back_off,
+                                reason="restored the newest good snapshot" + (" and backed off the learning rate" if back_off else ""))
             return Decision("abort", abort=True, reason="the state is corrupt and no good snapshot exists to roll back to")
         return Decision("skip", reason="the update was not applied")
 

@@ -24,29 +24,8 @@ from tests.conftest import load_schema
 SCENARIOS = load_scenarios()
 NAMES = sorted(SCENARIOS)
 
-API_NO_CRASH_DIAGNOSIS = (
-    "API mode: nanguard.Guard does not diagnose an exception raised inside the step (only `nanguard run` "
-    "does, in autopatch._diagnose_crash), so a crashing step writes no event"
-)
-VIEW_NAMING = (
-    "guard._rename_from_frames matches batch tensors to user variables by object identity only; the loss "
-    "target is `labels.reshape(-1)`, a view, so it is reported by its schema name 'target'"
-)
-BATCHNORM_STATS_ON_SKIP = (
-    "a skipped step's forward already updated BatchNorm running statistics with the NaN batch; the guard "
-    "skips the update but neither restores nor checks buffers, so the model evaluates to NaN"
-)
-
-EVENT_GAPS: dict[tuple[str, str], str] = {
-    ("mlp_label_out_of_range_crash", "api"): API_NO_CRASH_DIAGNOSIS,
-    ("embbag_token_out_of_vocab", "api"): API_NO_CRASH_DIAGNOSIS,
-    ("cnn_batchnorm_last_batch_of_one", "api"): API_NO_CRASH_DIAGNOSIS,
-    ("lm_pad_logit_masked", "api"): VIEW_NAMING,
-    ("lm_pad_logit_masked", "cli"): VIEW_NAMING,
-}
-RECOVERY_GAPS: dict[str, str] = {
-    "cnn_bf16_nan_pixel": BATCHNORM_STATS_ON_SKIP,
-}
+EVENT_GAPS: dict[tuple[str, str], str] = {}
+RECOVERY_GAPS: dict[str, str] = {}
 
 
 def _params(mode: str, gaps: dict) -> list:

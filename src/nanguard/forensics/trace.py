@@ -780,11 +780,12 @@ class OpTracer:
         for ref, label in self._named.values():
             if not label.startswith("batch field "):
                 continue
+            # The same values, also reshaped or flattened (``labels.reshape(-1)`` in the loss call).
             if (
-                ref.shape == t.shape
+                ref.numel() == t.numel()
                 and ref.dtype == t.dtype
                 and ref.device == t.device
-                and torch.equal(ref, t)
+                and torch.equal(ref.reshape(-1), t.reshape(-1))
             ):
                 return label[len("batch field ") :]
         return None

@@ -95,6 +95,8 @@ def run_api(scenario: Scenario, out_dir: Path, *, fault: bool = True, steps: int
         final = scenario.main(attach=attach, steps=steps, fault=fault)
     except Exception as exc:  # a crashing scenario (label out of range on CPU) is a result too
         error = f"{type(exc).__name__}: {exc}"
+        for guard in guards[:1]:
+            guard.record_crash(exc)  # what `with nanguard.Guard(...)` does for a step that raises
         for guard in guards:
             guard.close(status="error")
     seconds = time.perf_counter() - started
