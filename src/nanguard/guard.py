@@ -1161,7 +1161,7 @@ def _set_aside_previous_run(out_dir: Path) -> None:
 
 def _storage_key(tensor: torch.Tensor) -> tuple[int, int, int]:
     try:
-        return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
+        return (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()), tensor.numel())
     except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
         return (id(tensor), 0, -1)
 

@@ -41,7 +41,7 @@ def main(attach=None, steps=None, fault=True):
             if fault:
                 best["gru.weight_hh_l0"][5, 2] = float("inf")  # written by an overflowed run
         if step == 80:
-            model.load_state_dict(best)
+            model.load_state_dict(best)  # type: ignore[arg-type]
         idx = torch.arange(step * 32, step * 32 + 32) % len(X)
         loss = F.cross_entropy(model(X[idx]), Y[idx])
         loss.backward()

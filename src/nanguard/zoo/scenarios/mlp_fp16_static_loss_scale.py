@@ -44,7 +44,8 @@ def main(attach=None, steps=None, fault=True):
         loss = F.cross_entropy(model(x).float(), y, reduction="sum")
         (loss * scale).backward()
         for p in model.parameters():
-            p.grad.div_(scale)
+            if p.grad is not None:
+                p.grad.div_(scale)
         optimizer.step()
         optimizer.zero_grad()
     if guard is not None:

@@ -23,7 +23,7 @@ class Tagger(nn.Module):
         self.rnn = nn.RNN(3, 24, batch_first=True)
         self.head = nn.Linear(24, 2)
         with torch.no_grad():
-            self.rnn.weight_hh_l0.copy_(torch.linalg.qr(torch.randn(24, 24))[0] * 1.6)
+            self.rnn.weight_hh_l0.copy_(torch.linalg.qr(torch.randn(24, 24))[0] * 1.6)  # type: ignore[operator]
 
     def forward(self, seq):
         return self.head(self.rnn(seq)[0])
