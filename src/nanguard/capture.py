@@ -213,7 +213,8 @@ class StepRecorder:
                 for op in call.recorder.ops:
                     for value in tree_flatten((op.args, op.kwargs))[0]:
                         if (isinstance(value, torch.Tensor) and id(value) not in seen and not value.requires_grad
-                                and not isinstance(value, torch.nn.Parameter) and value.dim() > 0):
+                                and not isinstance(value, torch.nn.Parameter) and value.dim() > 0
+                                and not _is_additive_mask(value)):
                             named.setdefault(f"{prefix}loss_input{len(seen)}", value)
                             seen.add(id(value))
         return named
@@ -232,6 +233,14 @@ class StepRecorder:
             return total
 
         return rerun
+
+
+def _is_additive_mask(tensor: torch.Tensor) -> bool:
+    """A float tensor whose only non-finite values are -inf is a mask by intent (``scores + mask``), not bad data."""
+    if not tensor.is_floating_point():
+        return False
+    finite = torch.isfinite(tensor)
+    return bool((~finite).any()) and bool((finite | (tensor == float("-inf"))).all())
 
 
 def _loss_tensor_args(op: RecordedOp) -> list[tuple[str, torch.Tensor]]:

@@ -788,7 +788,8 @@ class Guard:
                 diagnosis.evidence.append(evidence)
             if state_suspect:
                 self._blame_learning_rate(step, diagnosis)
-        decision = self.policy.decide(trigger, diagnosis.cause, can_rollback=len(self.snapshots) > 0,
+        can_rollback = self.snapshots.newest_finite(weights_only=True) is not None
+        decision = self.policy.decide(trigger, diagnosis.cause, can_rollback=can_rollback,
                                       update_applied=update_applied or state_suspect)
         if decision.action in ("skip", "rollback", "abort") and not update_applied:
             self.skipped_total += 1
@@ -985,15 +986,35 @@ class Guard:
                 or self.snapshots.newest_finite(exclude=self._failed_snapshots)
                 or self.snapshots.newest_finite())
         if snap is None:
-            return None
+            # No snapshot is finite throughout, e.g. a resumed checkpoint whose Adam moments hold NaN: restore the
+            # weights from one whose weights are finite and start the broken optimizer buffers afresh.
+            snap = self.snapshots.newest_finite(weights_only=True)
+            if snap is None:
+                return None
+            restore(snap, self.models, self.optimizer, self.scaler if self.scaler_enabled else None, None)
+            self._reset_nonfinite_optimizer_state()
+            self._finish_rollback(snap.step)
+            return snap.step
         self._last_restored = (snap.step, self.step_count)
         restore(snap, self.models, self.optimizer, self.scaler if self.scaler_enabled else None, None)
+        self._finish_rollback(snap.step)
+        return snap.step
+
+    def _finish_rollback(self, snap_step: int) -> None:
         for param in self._params():
             param.grad = None
         self.rollbacks_total += 1
         self.policy.after_rollback()
         self._skip_remaining = self.config.skip_after_rollback
-        return snap.step
+
+    def _reset_nonfinite_optimizer_state(self) -> None:
+        """Zero optimizer buffers holding NaN/Inf (moments, momentum): as if those parameters started afresh."""
+        with torch.no_grad():
+            for state in self.optimizer.state.values():
+                for value in state.values():
+                    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 0 \
+                            and not bool(torch.isfinite(value).all()):
+                        value.zero_()
 
     def _abort(self, event: Event, reason: str) -> None:
         self._aborted = True

@@ -59,8 +59,8 @@ class Snapshot:
     python_rng: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def is_finite(self) -> bool:
-        return _tensors_finite(self.models) and _tensors_finite(self.optimizer)
+    def is_finite(self, weights_only: bool = False) -> bool:
+        return _tensors_finite(self.models) and (weights_only or _tensors_finite(self.optimizer))
 
 
 class SnapshotRing:
@@ -93,7 +93,8 @@ class SnapshotRing:
         self._ring.append(snap)
         return snap
 
-    def newest_finite(self, *, at_most: int | None = None, exclude: frozenset[int] | set[int] = frozenset()) -> Snapshot | None:
+    def newest_finite(self, *, at_most: int | None = None, exclude: frozenset[int] | set[int] = frozenset(),
+                      weights_only: bool = False) -> Snapshot | None:
         """The newest snapshot whose tensors are all finite (checked now, on the event path).
 
         ``at_most``: only snapshots taken before step ``at_most`` ran; ``exclude``: snapshot steps known to be bad.
@@ -101,7 +102,7 @@ class SnapshotRing:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()  # pinned copies are asynchronous; finish them before reading
         for snap in reversed(self._ring):
-            if (at_most is None or snap.step <= at_most) and snap.step not in exclude and snap.is_finite():
+            if (at_most is None or snap.step <= at_most) and snap.step not in exclude and snap.is_finite(weights_only):
                 return snap
         return None
 
