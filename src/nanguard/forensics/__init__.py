@@ -95,6 +95,12 @@ def _gather(
 
     # Data.
     facts.batch_nonfinite = checks.batch_nonfinite(batch)
+    facts.mask_fields = {
+        name: value for name, value in batch.items()
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and (
+            value.dtype == torch.bool or (not value.is_floating_point() and not value.is_complex()
+                                          and value.numel() and bool(((value == 0) | (value == 1)).all())))
+    }
     facts.extreme_scale = checks.batch_scale(batch, request.batch_scale_history)
     details["batch_absmax"] = checks.batch_absmax(batch)
     facts.checked += ["batch finite", "batch scale"]

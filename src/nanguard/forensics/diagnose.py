@@ -144,6 +144,27 @@ def _mod(module: str | None) -> str:
     return f"`{module or '<root>'}`"
 
 
+def _empty_mask_field(f: Facts, rows: Any) -> str | None:
+    """The batch field whose rows are all masked out where the softmax saw all -inf (``attention_mask`` row 5)."""
+    if not rows or not isinstance(rows, list):
+        return None
+    for name, mask in f.mask_fields.items():
+        try:
+            flat = mask.reshape(mask.shape[0], -1).bool()
+            if not all(0 <= r < flat.shape[0] for r in rows):
+                continue
+            # Either convention: attention_mask (1 = keep) has the row all 0, key_padding_mask (True = pad) all 1.
+            # Either way the row is uniform where the rest of the batch holds the other value somewhere.
+            for padded in (False, True):
+                if all(bool((flat[r] == padded).all()) for r in rows):
+                    others = [i for i in range(flat.shape[0]) if i not in rows]
+                    if not others or any(bool((flat[i] != padded).any()) for i in others):
+                        return name
+        except (RuntimeError, IndexError, TypeError):
+            continue
+    return None
+
+
 @dataclass
 class Facts:
     """Everything the investigation found, in one place for the rules."""
@@ -156,6 +177,8 @@ class Facts:
     update_made_weights_nonfinite: bool = False
     exception: dict[str, Any] | None = None
     batch_nonfinite: list[dict[str, Any]] = field(default_factory=list)
+    # Batch fields that look like padding masks (bool or 0/1), for naming the field behind an all-masked row.
+    mask_fields: dict[str, Any] = field(default_factory=dict, repr=False)
     extreme_scale: list[dict[str, Any]] = field(default_factory=list)
     labels: list[dict[str, Any]] = field(default_factory=list)
     tokens: list[dict[str, Any]] = field(default_factory=list)
@@ -729,7 +752,7 @@ def _rule_from_trace(f: Facts) -> Diagnosis | None:
                 evidence=evidence,
                 op=op,
                 module=birth.module,
-                tensor="scores",
+                tensor=_empty_mask_field(f, birth.extra.get("batch_rows_all_masked")),
                 reproducible=rep,
                 fix={"rows": birth.extra.get("batch_rows_all_masked")},
             )

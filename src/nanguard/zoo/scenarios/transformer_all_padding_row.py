@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 EXPECTED = {"step": 17, "trigger": "nonfinite_loss", "cause": "masked_softmax_all_masked", "phase": "forward",
-            "module": "block.attn", "op": "aten::_softmax", "tensor": None}
+            "module": "block.attn", "op": "aten::_softmax", "tensor": "pad_mask"}
 RECOVERABLE = True
 TAGS = ("transformer", "fp32", "rmsnorm")
 STEPS = 40
