@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from nanguard.capture import is_library_module
 from nanguard.config import PRESETS, GuardConfig, resolve_config
 from nanguard.errors import TrainingAborted, UsageError
 from nanguard.guard import _ACTIVE_GUARDS, Guard, _set_aside_previous_run
@@ -87,6 +88,8 @@ class Session:
             models, optimizer, config=self.config.replace(report=False, console=False), out_dir=self.out_dir,
             sinks=self.sinks, own_records=False,
         )
+        if not models:
+            guard.find_models = lambda: find_models(optimizer, start_depth=4, max_frames=16)
         self.guards.append(guard)
         self._by_optimizer[optimizer] = guard
 
@@ -132,8 +135,7 @@ def find_models(optimizer: torch.optim.Optimizer, start_depth: int = 2, max_fram
     for _ in range(max_frames):
         if frame is None:
             break
-        module_name = frame.f_globals.get("__name__", "")
-        if not module_name.startswith("torch.optim"):
+        if not is_library_module(frame.f_globals.get("__name__", "")):
             for value in list(frame.f_locals.values()) + list(frame.f_globals.values()):
                 for item in _modules_in(value):
                     candidates.setdefault(id(item), item)
@@ -161,6 +163,10 @@ def _modules_in(value: Any) -> Iterator[torch.nn.Module]:
         yield value
     elif isinstance(value, (list, tuple)) and len(value) < 16:
         for item in value:
+            if isinstance(item, torch.nn.Module):
+                yield item
+    elif isinstance(value, dict) and len(value) < 64:
+        for item in value.values():
             if isinstance(item, torch.nn.Module):
                 yield item
     elif hasattr(value, "__dict__") and not isinstance(value, type) and type(value).__module__ not in ("builtins",):

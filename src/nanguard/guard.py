@@ -126,6 +126,8 @@ class Guard:
         self._replaying = False
         self._lockstep_step = -1
         self._forward_seen = False
+        # Set by zero-code mode: how to find the trained model(s) later if none was visible at construction.
+        self.find_models: Callable[[], list[torch.nn.Module]] | None = None
 
         self.step_count = 0
         self.skipped_total = 0
@@ -400,6 +402,11 @@ class Guard:
         self.step_count += 1
         self.optimizer._opt_called = True  # type: ignore[attr-defined]  # what an LR scheduler checks for
         self.recorder.stop_recording()
+        if not self.models and self.find_models is not None:
+            # Zero-code mode found no model when the optimizer was built: look again from the training loop.
+            for model in self.find_models():
+                self.attach_model(model)
+            self.find_models = None
         if self.config.snapshot_every and not len(self.snapshots):
             # The first snapshot is taken at the first step, not at construction: a script that loads a
             # checkpoint after creating its optimizer must roll back to the loaded state, not the initial one.

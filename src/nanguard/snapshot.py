@@ -106,9 +106,6 @@ class SnapshotRing:
                 return snap
         return None
 
-    def discard_after(self, step: int) -> None:
-        while self._ring and self._ring[-1].step > step:
-            self._ring.pop()
 
 
 def _scaler_state(scaler: Any, pin: bool) -> dict[str, Any] | None:

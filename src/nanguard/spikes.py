@@ -47,13 +47,6 @@ class RunningStats:
     def warm(self) -> torch.Tensor:
         return self.count >= self.warmup
 
-    def zscore(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() - self.mean) / self.std()
-
-    def excess_ratio(self, x: torch.Tensor) -> torch.Tensor:
-        """How far above the mean ``x`` is, in units of |mean| (1.0 means twice a positive mean)."""
-        return (x.float() - self.mean) / (self.mean.abs() + 1e-12)
-
     def is_spike(self, x: torch.Tensor, z: float, ratio: float | torch.Tensor) -> torch.Tensor:
         x = x.float()
         excess = x - self.mean

@@ -150,3 +150,31 @@ def test_python_dash_m_and_console_script_are_the_same_program(tmp_path):
     assert result.returncode == 0
     for command in ("run", "demo", "report", "scan", "lint"):
         assert command in result.stdout
+
+
+def test_model_passed_around_functions_and_dicts_is_found(tmp_path):
+    """The optimizer is built in a helper that sees only parameters; the model lives in another function's frame."""
+    body = """
+    def build_optimizer(params):
+        return torch.optim.SGD(params, lr=0.1)
+
+    def train(net):
+        opt = build_optimizer([p for p in net.parameters()])
+        for step in range(30):
+            idx = torch.randint(0, 512, (32,))
+            x, labels = X[idx].clone(), Y[idx]
+            if step == 20:
+                x[0, 0] = float("nan")
+            loss = F.cross_entropy(net(x), labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    holder = {"net": Net()}
+    del model
+    train(holder.pop("net"))
+    """
+    result = _run(tmp_path, body)
+    assert result.returncode == 0, result.stderr
+    events = read_events(tmp_path / "out")
+    assert [(e["step"], e["diagnosis"]["cause"], e["diagnosis"]["tensor"]) for e in events] == [(20, "input_nonfinite", "x")]
