@@ -11,12 +11,16 @@ from typing import Any
 
 import torch
 
+from nanguard.distributed import materialize
 from nanguard.events import Diagnosis
 from nanguard.forensics import checks
 
 
 def _named_state(models: Sequence[torch.nn.Module]) -> list[tuple[str, torch.Tensor]]:
-    return [(n, t) for m in models for n, t in [*m.named_parameters(), *m.named_buffers()] if t.is_floating_point()]
+    """Parameters and buffers as plain tensors. FSDP2 shards are gathered (a collective: under FSDP every rank
+    runs the triage together, see ``Guard._diagnose``)."""
+    return [(n, materialize(t.detach())) for m in models for n, t in [*m.named_parameters(), *m.named_buffers()]
+            if t.is_floating_point()]
 
 
 def quick_diagnosis(

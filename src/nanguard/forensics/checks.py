@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from nanguard.distributed import materialize
 from nanguard.forensics.trace import _rows_with
 
 # A field counts as extreme when its abs-max is this many times the median of earlier batches.
@@ -165,6 +166,7 @@ def token_problems_static(models: Sequence[torch.nn.Module], batch: dict[str, An
 
 # ------------------------------------------------------------------------------------- state
 def nonfinite_counts(t: torch.Tensor) -> tuple[int, int]:
+    t = materialize(t)  # an FSDP2 shard is gathered; every rank runs these checks together there
     if not (t.is_floating_point() or t.is_complex()) or not t.numel():
         return 0, 0
     with torch.no_grad():
