@@ -112,10 +112,27 @@ def _autocast_state() -> tuple[str, torch.dtype] | None:
     return None
 
 
+_SIGNATURES: weakref.WeakKeyDictionary[Any, inspect.Signature] = weakref.WeakKeyDictionary()
+
+
+def _forward_signature(module: torch.nn.Module) -> inspect.Signature:
+    """``inspect.signature`` is slow and runs once per step here: cache it per forward function."""
+    forward = getattr(module.forward, "__func__", module.forward)
+    try:
+        return _SIGNATURES[forward]
+    except (KeyError, TypeError):
+        signature = inspect.signature(module.forward)
+        try:
+            _SIGNATURES[forward] = signature
+        except TypeError:
+            pass
+        return signature
+
+
 def named_call_arguments(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """Name the tensors of a module call as users name them: ``input_ids``, ``labels``, ``x[3]``, ``batch.mask``."""
     try:
-        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
+        bound = _forward_signature(module).bind_partial(*args, **kwargs)
         pairs = list(bound.arguments.items())
     except (TypeError, ValueError):
         pairs = [(f"args[{i}]", a) for i, a in enumerate(args)] + list(kwargs.items())
