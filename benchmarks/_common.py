@@ -121,3 +121,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
     separator = "|" + "|".join("-" * (width + 2) for width in widths) + "|"
     return "\n".join([line(cells[0]), separator, *(line(row) for row in cells[1:])])
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write a results file so that a reader never sees half of it, creating its folder if needed."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out)
+    return out

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import tempfile
 import warnings
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import describe_machine, machine_info, markdown_table
+from _common import describe_machine, machine_info, markdown_table, write_text_atomic
 
 from nanguard.zoo import Scenario, load_scenarios
 from nanguard.zoo.harness import run_api
@@ -131,11 +130,7 @@ def main() -> int:
         markdown_table(header, rows),
         "",
     ])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".md.tmp")
-    tmp_out.write_text(text)
-    os.replace(tmp_out, out)
+    write_text_atomic(args.out, text)
     print(text)
     return 0
 

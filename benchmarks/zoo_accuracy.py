@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from _common import describe_machine, machine_info, markdown_table
+from _common import describe_machine, machine_info, markdown_table, write_text_atomic
 
 from nanguard.zoo import EXPECTED_FIELDS, Scenario, load_scenarios
 from nanguard.zoo.harness import RunResult, compare, run_api, run_cli
@@ -131,11 +131,7 @@ def main() -> int:
         "",
         *sections,
     ])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".md.tmp")
-    tmp_out.write_text(text)
-    os.replace(tmp_out, out)
+    write_text_atomic(args.out, text)
     print(text)
     return 0
 
