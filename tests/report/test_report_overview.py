@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 from pathlib import Path
@@ -11,35 +10,54 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nanguard.report.load import EventRecord, HistoryRow, ModuleStat, RunData, load_run
-from nanguard.report.overview import headline, rank_fixes, run_outcome, summarise
-from nanguard.report.plots.curves import stagger_labels, thin
+from nanguard.report.overview import distinct_fixes, headline, run_outcome, summarise
+from nanguard.report.plots.curves import thin
+from nanguard.report.signature import group_events
 from nanguard.report.plots.modules import dtype_limit, select_modules
 from nanguard.report.plots.style import choose_scale, outlier_ceiling
 from nanguard.report.text import format_number, steps_phrase
 
 
-def _event(step: int, trigger: str = "loss_spike", action: str = "skip", fixes: tuple[str, ...] = ()) -> EventRecord:
+def _event(step: int, trigger: str = "loss_spike", action: str = "skip", fixes: tuple[str, ...] = (),
+           module: str | None = None) -> EventRecord:
     return EventRecord(line=1, step=step, trigger=trigger, action=action, cause="unknown", phase="unknown",
-                       fixes=fixes)
+                       fixes=fixes, module=module)
 
 
 def test_headline_says_what_when_and_how_it_ended(run_dir: Path) -> None:
     overview = summarise(load_run(run_dir))
     assert overview.headline == (
         "3 events: NaN loss at step 120 (skipped), loss spike at step 300 (rolled back), "
-        "divergence at step 340 (LR backed off); run ended finite at step 399 (loss 1.813)."
+        "divergence at step 340 (LR backed off); run ended finite at step 399 (last training loss 1.813)."
     )
-    assert overview.action_counts == {"skip": 1, "clip": 1, "rollback": 1, "lr_backoff": 1}
+    counts = overview.counts
+    assert (counts.skipped, counts.clipped, counts.rollbacks, counts.lr_backoffs, counts.signatures) == (1, 1, 1, 1, 3)
     assert overview.nonfinite_steps == (120,)
     assert overview.lr_multiplier_varies and overview.final_lr_multiplier == 0.5
-    assert overview.top_fixes[0] == ("compute attention scores in float32 (upcast q·k before softmax)", (120,))
+    assert overview.fixes[0].text == "compute attention scores in float32 (upcast q·k before softmax)"
+    assert overview.fixes[0].steps == (120,)
 
 
 def test_many_events_are_grouped_in_the_headline() -> None:
-    events = [_event(step, "nonfinite_loss") for step in range(10, 16)] + [_event(40, "divergence", "lr_backoff")]
-    outcome = run_outcome_stub()
-    text = headline(events, outcome)
-    assert text.startswith("7 events: 6× non-finite loss steps 10–15 (skipped), 1× divergence at step 40 (LR backed off)")
+    events = [_event(step, "nonfinite_loss", module="m") for step in range(10, 16)] + [
+        _event(40, "divergence", "lr_backoff")]
+    text = headline(events, run_outcome_stub())
+    assert text.startswith("7 events of 2 kinds: 6× non-finite loss at steps 10–15 (all skipped); "
+                           "divergence at step 40 (LR backed off); run ended finite")
+
+
+def test_few_repeated_events_are_still_told_as_one_problem() -> None:
+    """Four events of one problem read as one problem, not four (the headline listed each before)."""
+    events = [_event(step, "nonfinite_loss", module="m", action="skip" if step < 3 else "rollback") for step in range(4)]
+    assert headline(events, run_outcome_stub()).startswith(
+        "4 events, all of one kind: 4× non-finite loss at steps 0–3 (3 skipped, 1 rolled back);")
+
+
+def test_no_steps_means_nothing_was_checked() -> None:
+    from nanguard.report.overview import Outcome
+
+    assert headline([], Outcome("unknown", None, None), steps=0) == (
+        "No events, and no optimizer step was recorded: nothing was checked.")
 
 
 def run_outcome_stub():
@@ -67,9 +85,16 @@ def test_outcome_non_finite_when_last_loss_is_nan(tmp_path: Path) -> None:
     assert outcome.state == "non-finite" and outcome.step == 1
 
 
-def test_rank_fixes_orders_by_frequency_then_first_seen() -> None:
-    events = [_event(1, fixes=("a", "b")), _event(2, fixes=("c", "b")), _event(3, fixes=("b", "a", "a"))]
-    assert rank_fixes(events) == (("b", (1, 2, 3)), ("a", (1, 3)), ("c", (2,)))
+def test_each_fix_is_listed_once_with_every_problem_it_applies_to() -> None:
+    """"What to do" listed the same aten::log fix four times, each with its own zero count."""
+    events = [_event(1, fixes=("clamp 3 zeros", "use logits"), module="a"),
+              _event(2, fixes=("clamp 5 zeros", "use logits"), module="a"),
+              _event(3, fixes=("drop row 7",), module="b"),
+              _event(4, fixes=("use logits", "drop row 9"), module="c")]
+    fixes = distinct_fixes(group_events(events))
+    assert [(f.text, f.steps, f.numbers_from) for f in fixes] == [
+        ("use logits", (1, 2, 4), None), ("clamp 3 zeros", (1, 2), 1), ("drop row 7", (3, 4), 3)]
+    assert [g.label for g in fixes[0].groups] == ["A", "C"]
 
 
 def test_steps_phrase_and_numbers() -> None:
@@ -113,15 +138,6 @@ def test_outlier_ceiling_leaves_a_divergence_alone() -> None:
     rising = [1.0] * 50 + [10.0**k for k in range(1, 10)]  # 15% "outliers": that is the data
     assert outlier_ceiling(rising) is None
     assert outlier_ceiling([1.0, 2.0, 1e9]) is None  # too few points to call anything an outlier
-
-
-@given(st.lists(st.floats(min_value=0.0, max_value=1.0), max_size=40).map(sorted))
-def test_stagger_labels_never_overlaps_on_a_row(positions: list[float]) -> None:
-    rows = stagger_labels(positions, levels=3, gap=0.2)
-    assert len(rows) == len(positions)
-    for level in range(3):
-        placed = [x for x, row in zip(positions, rows, strict=True) if row == level]
-        assert all(b - a >= 0.2 for a, b in itertools.pairwise(placed))
 
 
 def test_dtype_limits() -> None:
@@ -174,3 +190,14 @@ def test_lr_backoffs_count_exactly_the_steps_down(multipliers: list[float]) -> N
     previous = [1.0, *multipliers][: len(multipliers)]
     expected = sum(m < p and not math.isclose(m, p) for m, p in zip(multipliers, previous, strict=True))
     assert summarise(run).lr_backoffs == expected
+
+
+@given(st.lists(st.integers(min_value=0, max_value=100_000), max_size=3000), st.integers(min_value=5, max_value=500))
+def test_thin_steps_keeps_order_and_the_first_and_bounds_the_count(steps: list[int], limit: int) -> None:
+    from nanguard.report.plots.curves import thin_steps
+
+    kept = thin_steps(steps, limit)
+    assert kept == sorted(set(kept)) and set(kept) <= set(steps)
+    assert len(kept) <= limit + 1
+    if steps:
+        assert kept[0] == min(steps)

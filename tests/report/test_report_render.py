@@ -17,9 +17,12 @@ from PIL import Image
 
 from nanguard.errors import UsageError
 from nanguard.report import render_report, write_reports
-from nanguard.report.charts import MAX_MODULE_CHARTS
+from nanguard.report.charts import MAX_CARDS
+from nanguard.report.html_cards import MAX_EVENT_ROWS
 from nanguard.report.markdown_page import md_esc, md_literal
 from nanguard.report.text import LR_BACKOFFS_LABEL, ROOT_MODULE, format_time
+
+from .conftest import write_many_events_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -34,6 +37,9 @@ class PageParser(HTMLParser):
         self.links: list[str] = []
         self.table_rows: list[list[str]] = []
         self.text: list[str] = []
+        self.cards: list[str] = []
+        self.counts: dict[str, list[str]] = {}
+        self._count_key: str | None = None
         self._in_events_table = False
         self._row: list[str] | None = None
         self._cell: list[str] | None = None
@@ -43,6 +49,10 @@ class PageParser(HTMLParser):
         attributes = dict(attrs)
         if tag == "img":
             self.images.append(attributes)
+        if tag == "article" and "card" in (attributes.get("class") or ""):
+            self.cards.append(attributes.get("id") or "")
+        if attributes.get("data-count"):
+            self._count_key = attributes["data-count"]
         if tag in ("a", "link") and attributes.get("href"):
             self.links.append(attributes["href"] or "")
         if tag == "table" and attributes.get("id") == "events-table":
@@ -64,6 +74,9 @@ class PageParser(HTMLParser):
 
     def handle_data(self, data: str) -> None:
         self.text.append(data)
+        if self._count_key is not None and data.strip():
+            self.counts.setdefault(self._count_key, []).append(data.strip())
+            self._count_key = None
         if self._cell is not None:
             self._cell.append(data)
 
@@ -91,7 +104,7 @@ def test_render_writes_html_md_and_pngs(run_dir: Path) -> None:
     assert html_path == run_dir / "report.html"
     assert (run_dir / "report.md").is_file()
     pngs = sorted(p.name for p in (run_dir / "report_files").iterdir())
-    assert pngs == ["curves.png", "event1_modules.png", "lr_multiplier.png"]
+    assert pngs == ["curves.png", "lr_multiplier.png", "problemA_modules.png"]
     for name in pngs:
         decode_png((run_dir / "report_files" / name).read_bytes())
 
@@ -119,20 +132,20 @@ def test_events_table_matches_events_jsonl(run_dir: Path) -> None:
     expected = []
     for index, event in enumerate(read_events(run_dir), start=1):
         d = event["diagnosis"]
-        expected.append([str(index), str(event["step"]), event["trigger"], None, d["cause"], d["phase"],
-                         d.get("module") or "—", d.get("op") or "—", d.get("tensor") or "—"])
+        expected.append([str(index), str(event["step"]), "ABC"[index - 1], event["trigger"], None, d["cause"],
+                         d["phase"], d.get("module") or "—", d.get("op") or "—", d.get("tensor") or "—"])
     assert len(page.table_rows) == len(expected)
     for row, want in zip(page.table_rows, expected, strict=True):
-        want[3] = row[3]  # the action cell holds the readable badge; checked below
+        want[4] = row[4]  # the action cell holds the readable badge; checked below
         assert row == want
-    assert [row[3] for row in page.table_rows] == ["skipped", "rolled back", "LR backed off"]
+    assert [row[4] for row in page.table_rows] == ["skipped", "rolled back", "LR backed off"]
 
 
 def test_header_says_what_happened(run_dir: Path) -> None:
     page = parse(render_report(run_dir))
     text = " ".join(page.text)
     assert "3 events: NaN loss at step 120 (skipped), loss spike at step 300 (rolled back)" in text
-    assert "run ended finite at step 399" in text
+    assert "run ended finite at step 399 (last training loss 1.813)" in text
     assert "What to do" in text and "compute attention scores in float32" in text
     assert "nanguard run train.py --lr 3e-4" in text  # summary.json is shown
 
@@ -146,7 +159,7 @@ def test_user_strings_are_escaped_in_html(evil_run_dir: Path, facts) -> None:
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in raw
     text = "".join(page.text)
     assert facts["evil_module"] in text and "<b>x</b>" in text  # shown literally, as text
-    assert page.table_rows[0][6] == facts["evil_module"]
+    assert page.table_rows[0][7] == facts["evil_module"]
 
 
 def test_user_strings_are_escaped_in_markdown(evil_run_dir: Path, facts) -> None:
@@ -164,10 +177,10 @@ def test_markdown_content(run_dir: Path) -> None:
     assert md.startswith("<!-- nanguard report -->\n# nanguard run report")
     assert "**3 events: NaN loss at step 120 (skipped)" in md
     assert "## What to do" in md and "1. compute attention scores in float32" in md
-    assert "| 1 | 120 | nonfinite_loss | skip | forward_overflow | forward |" in md
-    assert "![Loss and gradient norm against step, events marked](report_files/curves.png)" in md
-    assert "(report_files/event1_modules.png)" in md
-    assert "**Evidence**" in md and "**Fixes**" in md and "## Run summary" in md
+    assert "| 1 | 120 | A | nonfinite_loss | skip | forward_overflow | forward |" in md
+    assert "![Loss and gradient norm against step, events marked by problem](report_files/curves.png)" in md
+    assert "(report_files/problemA_modules.png)" in md
+    assert "**Evidence (step 120)**" in md and "**Fixes**" in md and "## Run summary" in md
 
 
 def test_without_matplotlib_the_report_still_renders(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -229,7 +242,7 @@ def test_lr_backoff_tile_counts_rollbacks_that_halved_the_lr(rollback_run_dir: P
     md = (rollback_run_dir / "report.md").read_text()
     header, _, values = md.split("\n\n", 2)[2].splitlines()[:3]
     cells = dict(zip(header.strip("| ").split(" | "), values.strip("| ").split(" | "), strict=True))
-    assert cells[LR_BACKOFFS_LABEL] == "2" and cells["rollbacks"] == "2"
+    assert cells[LR_BACKOFFS_LABEL] == "2" and cells["rolled back"] == "2"
 
 
 def test_root_module_is_named_not_an_empty_code_tag(rollback_run_dir: Path) -> None:
@@ -237,13 +250,13 @@ def test_root_module_is_named_not_an_empty_code_tag(rollback_run_dir: Path) -> N
     raw = html_path.read_text()
     page = parse(html_path)
     assert "<code></code>" not in raw
-    assert page.table_rows[0][6] == ROOT_MODULE  # module column of the step-10 event
-    assert page.table_rows[1][6] == "—"  # not located stays a dash
+    assert page.table_rows[0][7] == ROOT_MODULE  # module column of the step-10 event
+    assert page.table_rows[1][7] == "—"  # not located stays a dash
     assert f"{ROOT_MODULE}</span>, tensor <code>loss_mask</code>" in raw  # findings and card "Where"
     md = (rollback_run_dir / "report.md").read_text()
     assert "<code></code>" not in md
     assert f"- Module: {ROOT_MODULE}" in md and f"Where: {ROOT_MODULE}, tensor <code>loss_mask</code>" in md
-    assert "| 1 | 10 | nonfinite_loss | skip | input_nonfinite | data | (root module) | — |" in md
+    assert "| 1 | 10 | A | nonfinite_loss | skip | input_nonfinite | data | (root module) | — |" in md
 
 
 def test_markdown_keeps_backtick_code_spans_in_fixes_and_evidence(run_dir: Path) -> None:
@@ -275,27 +288,78 @@ def test_markdown_escaping_never_emits_html_or_unpaired_structure(text: str) -> 
     assert re.search(r"(?<!\\)\|", md_esc(text, table=True).replace("\\\\", "")) is None
 
 
-def _events_with_module_stats(run_dir: Path, count: int, modules: int) -> None:
+def test_every_problem_gets_a_card_and_a_module_chart(run_dir: Path) -> None:
+    """Only the first 3 events got a module chart ("event 4 gets no chart"); now every problem does."""
     lines = read_events(run_dir)
-    template = lines[0]
-    stats = [{"module": f"layers.{i}", "dtype": "float16", "act_absmax": float(i + 1), "grad_absmax": 0.5,
-              "nonfinite": 3 if i == 7 else 0} for i in range(modules)]
-    records = [{**template, "step": 100 + k, "details": {"module_stats": stats}} for k in range(count)]
+    stats = lines[0]["details"]["module_stats"]
+    records = [{**lines[0], "step": 100 + k,
+                "diagnosis": {**lines[0]["diagnosis"], "module": f"blocks.{k}.attn"}, "details": {"module_stats": stats}}
+               for k in range(5)]
     (run_dir / "events.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
-
-
-def test_module_charts_are_capped_and_shared_between_html_and_markdown(run_dir: Path) -> None:
-    _events_with_module_stats(run_dir, count=MAX_MODULE_CHARTS + 2, modules=40)
     page = parse(render_report(run_dir))
-    files = sorted((run_dir / "report_files").glob("event*_modules.png"))
-    assert [p.name for p in files] == [f"event{i}_modules.png" for i in range(1, MAX_MODULE_CHARTS + 1)]
+    assert page.cards == [f"problem-{letter}" for letter in "ABCDE"]
+    files = sorted((run_dir / "report_files").glob("problem*_modules.png"))
+    assert [p.name for p in files] == [f"problem{letter}_modules.png" for letter in "ABCDE"]
     inline = {base64.b64decode((image["src"] or "").split(",", 1)[1]) for image in page.images}
     assert {p.read_bytes() for p in files} <= inline  # drawn once: the same bytes in both reports
-    text = " ".join(page.text)
-    assert text.count("Module chart omitted") == 2
-    assert "16 of 40 modules" in text
     md = (run_dir / "report.md").read_text()
-    assert md.count("Module chart omitted") == 2 and md.count("_modules.png)") == MAX_MODULE_CHARTS
+    assert md.count("_modules.png)") == 5
+
+
+def test_nine_thousand_events_give_a_small_report(tmp_path: Path) -> None:
+    """A run with 9,090 events wrote a 12 MB report.html with a card per event."""
+    run_dir = write_many_events_run(tmp_path / "many", count=9000, problems=5)
+    page = parse(render_report(run_dir))
+    size = (run_dir / "report.html").stat().st_size
+    assert size < 1_000_000, size
+    assert page.cards == [f"problem-{letter}" for letter in "ABCDE"]
+    assert len(page.table_rows) == MAX_EVENT_ROWS
+    text = " ".join(page.text)
+    assert f"The first {MAX_EVENT_ROWS} of 9000 events are listed" in text
+    assert "9000 events of 5 kinds" in text and page.counts["events"] == ["9000"]
+    assert (run_dir / "report.md").stat().st_size < 200_000
+
+
+def test_more_problems_than_cards_are_listed_in_the_problems_table(tmp_path: Path) -> None:
+    run_dir = write_many_events_run(tmp_path / "distinct", count=MAX_CARDS + 6, problems=MAX_CARDS + 6, stats=False)
+    page = parse(render_report(run_dir))
+    assert len(page.cards) == MAX_CARDS
+    assert f"{MAX_CARDS} of {MAX_CARDS + 6} distinct problems have a card" in " ".join(page.text)
+    md = (run_dir / "report.md").read_text()
+    assert len(re.findall(r"^### [A-Z]+ · ", md, re.MULTILINE)) == MAX_CARDS
+
+
+def test_header_tiles_and_run_summary_show_the_same_counts(repeated_run_dir: Path) -> None:
+    page = parse(render_report(repeated_run_dir))
+    counts = page.counts
+    assert counts["events"] == ["30", "30"] and counts["signatures"] == ["3"]
+    assert counts["skipped"] == ["27"] and counts["rollbacks"] == ["3", "3"]
+    assert counts["updates_not_applied"] == ["30", "30"]  # tile, and summary.json's "skipped" under its real name
+    assert counts["steps"] == ["130", "130"]
+    text = " ".join(page.text)
+    assert "summary.json says" not in text
+
+
+def test_what_to_do_lists_each_fix_once(repeated_run_dir: Path) -> None:
+    """The same aten::log fix was listed four times, each with a different zero count."""
+    render_report(repeated_run_dir)
+    raw = (repeated_run_dir / "report.html").read_text()
+    todo = raw.split('<section class="todo">', 1)[1].split("</section>", 1)[0]
+    assert todo.count("clamp the probabilities") == 1
+    assert "problem A · steps 20–89, 24 events; numbers from step 20" in todo
+    md = (repeated_run_dir / "report.md").read_text()
+    assert md.split("## What to do", 1)[1].split("##", 1)[0].count("clamp the probabilities") == 1
+
+
+def test_repeats_are_told_once_per_problem(repeated_run_dir: Path) -> None:
+    page = parse(render_report(repeated_run_dir))
+    text = " ".join(page.text)
+    assert page.cards == ["problem-A", "problem-B", "problem-C"]
+    assert "Also at 23 other steps" in text and text.count("aten::log received") == 1
+    assert "What made it worse" in text and "input_extreme_scale" in text  # diagnosis.contributing
+    assert len(page.table_rows) == 30 and {row[2] for row in page.table_rows} == {"A", "B", "C"}
+    raw = (repeated_run_dir / "report.html").read_text()
+    assert "model[0]" in raw and "<code>0</code>, op" not in raw  # "module '0'" reads as the indexing
 
 
 def test_card_times_and_summary_values_read_as_words(run_dir: Path) -> None:

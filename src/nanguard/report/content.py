@@ -15,5 +15,3 @@ class ReportContent:
     overview: Overview
     charts: list[Chart]
     plot_note: str | None = None
-    module_charts_omitted: frozenset[int] = frozenset()
-    """Events (1-based) that have module stats but no chart: the report caps how many it draws."""

@@ -9,6 +9,7 @@ that names the file and the line number.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
@@ -24,12 +25,18 @@ HISTORY_FILE = "history.csv"
 SUMMARY_FILE = "summary.json"
 
 
+MODULE_ROLES = ("birth", "upstream", "downstream", "clean")
+
+
 @dataclass(frozen=True)
 class ModuleStat:
-    """Largest activation and gradient magnitude one module saw at an event.
+    """What one module saw at an event: its largest activation and gradient, and its NaN/Inf outputs.
 
-    ``nonfinite`` counts the module's op outputs (forward and backward) that held NaN/Inf; the
-    tracer writes a count, older runs a bool (read as 0 or 1).
+    ``forward_nonfinite``/``backward_nonfinite`` count op outputs holding NaN/Inf in each pass (an
+    intended ``-inf`` mask fill is never counted), and ``role`` places the module relative to where
+    the first bad value was born: ``birth``, ``upstream`` (ran before it), ``downstream`` (saw it
+    only because the bad value flowed there) or ``clean``. Older records have only ``nonfinite``, a
+    total over both passes (or a bool, read as 0 or 1): their split counts and role are ``None``.
     """
 
     module: str
@@ -37,6 +44,23 @@ class ModuleStat:
     act_absmax: float | None
     grad_absmax: float | None
     nonfinite: int
+    forward_nonfinite: int | None = None
+    backward_nonfinite: int | None = None
+    role: str | None = None
+    dtype_max: float | None = None
+
+    @property
+    def has_split(self) -> bool:
+        """True for records that tell forward from backward and say where the module stands."""
+        return self.role is not None
+
+
+@dataclass(frozen=True)
+class Contributing:
+    """A cause that triggered or worsened the main one (``diagnosis.contributing``)."""
+
+    cause: str
+    evidence: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -62,8 +86,14 @@ class EventRecord:
     rank: int = 0
     time: str | None = None
     lr_multiplier: float | None = None
-    module_stats: tuple[ModuleStat, ...] = ()
+    same_as_step: int | None = None
+    contributing: tuple[Contributing, ...] = ()
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @functools.cached_property
+    def module_stats(self) -> tuple[ModuleStat, ...]:
+        """``details.module_stats``, read when first asked for: a long run's report draws only a few of them."""
+        return _module_stats(self.raw.get("details"))
 
     @property
     def extra_details(self) -> dict[str, Any]:
@@ -139,26 +169,51 @@ def _count(value: Any) -> int:
     return int(number) if number is not None and math.isfinite(number) and number > 0 else 0
 
 
+def _optional_count(value: Any) -> int | None:
+    return None if value is None else _count(value)
+
+
+def _module_stat(item: Mapping[str, Any]) -> ModuleStat:
+    forward, backward = _optional_count(item.get("forward_nonfinite")), _optional_count(item.get("backward_nonfinite"))
+    role = item.get("role")
+    split = forward is not None or backward is not None
+    return ModuleStat(
+        module=str(item["module"]),
+        dtype=_optional_str(item.get("dtype")),
+        act_absmax=_optional_float(item.get("act_absmax")),
+        grad_absmax=_optional_float(item.get("grad_absmax")),
+        nonfinite=(forward or 0) + (backward or 0) if split else _count(item.get("nonfinite")),
+        forward_nonfinite=forward,
+        backward_nonfinite=backward,
+        role=role if role in MODULE_ROLES else None,
+        dtype_max=_optional_float(item.get("dtype_max")),
+    )
+
+
 def _module_stats(details: Any) -> tuple[ModuleStat, ...]:
     if not isinstance(details, Mapping):
         return ()
     stats = details.get("module_stats")
     if not isinstance(stats, list):
         return ()
+    return tuple(_module_stat(item) for item in stats if isinstance(item, Mapping) and item.get("module") is not None)
+
+
+def _contributing(diagnosis: Mapping[str, Any]) -> tuple[Contributing, ...]:
+    items = diagnosis.get("contributing")
+    if not isinstance(items, list):
+        return ()
     out = []
-    for item in stats:
-        if not isinstance(item, Mapping) or item.get("module") is None:
-            continue
-        out.append(
-            ModuleStat(
-                module=str(item["module"]),
-                dtype=_optional_str(item.get("dtype")),
-                act_absmax=_optional_float(item.get("act_absmax")),
-                grad_absmax=_optional_float(item.get("grad_absmax")),
-                nonfinite=_count(item.get("nonfinite")),
-            )
-        )
+    for item in items:
+        if isinstance(item, Mapping) and item.get("cause"):
+            evidence = item.get("evidence")
+            lines = tuple(str(line) for line in evidence) if isinstance(evidence, list) else ()
+            out.append(Contributing(str(item["cause"]), lines))
     return tuple(out)
+
+
+def _step_pointer(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _details_float(details: Any, key: str) -> float | None:
@@ -206,7 +261,8 @@ def parse_event(record: Any, *, path: Path, line: int) -> EventRecord:
         rank=rank if isinstance(rank, int) and not isinstance(rank, bool) else 0,
         time=_optional_str(record.get("time")),
         lr_multiplier=_details_float(record.get("details"), "lr_multiplier"),
-        module_stats=_module_stats(record.get("details")),
+        same_as_step=_step_pointer(diagnosis.get("same_as_step")),
+        contributing=_contributing(diagnosis),
         raw=dict(record),
     )
 

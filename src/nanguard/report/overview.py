@@ -1,22 +1,26 @@
 """What happened in a run, in a few sentences and numbers: the part of the report read first.
 
 Pure functions over :class:`~nanguard.report.load.RunData`; the HTML and Markdown pages only lay
-these values out.
+these values out. Events are told by signature (:mod:`nanguard.report.signature`): thirty skips of
+one broken batch field are one problem with thirty steps, not thirty problems.
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from nanguard.report.counts import RunCounts, count_run
 from nanguard.report.load import EventRecord, HistoryRow, RunData
-from nanguard.report.text import action_phrase, format_number, trigger_phrase
+from nanguard.report.signature import EventGroup, group_events
+from nanguard.report.text import action_phrase, format_number, plural, trigger_phrase
 
 LR_CUTTING_ACTIONS = ("lr_backoff", "rollback")
 MAX_LISTED_EVENTS = 4
-"""Up to this many events the headline names each one; beyond it, it groups them by kind."""
+"""Up to this many events, each a problem of its own, the headline names each one; beyond, it tells groups."""
+MAX_HEADLINE_GROUPS = 4
 
 
 @dataclass(frozen=True)
@@ -34,8 +38,29 @@ class Outcome:
             return f"run aborted{at}"
         if self.state == "unknown":
             return "how the run ended is unknown (no history.csv)"
-        loss = f" (loss {format_number(self.loss)})" if self.loss is not None else ""
+        loss = f" (last training loss {format_number(self.loss)})" if self.loss is not None else ""
         return f"run ended {self.state}{at}{loss}"
+
+
+@dataclass(frozen=True)
+class FixItem:
+    """One distinct fix, the problems (groups) it was suggested for, and the steps they cover.
+
+    ``numbers_from`` is set when the events of those groups wrote the fix with different numbers
+    (a count, a row index): the text shown carries that step's numbers.
+    """
+
+    text: str
+    groups: tuple[EventGroup, ...]
+    numbers_from: int | None = None
+
+    @property
+    def steps(self) -> tuple[int, ...]:
+        return tuple(sorted({step for group in self.groups for step in group.steps}))
+
+    @property
+    def events(self) -> int:
+        return sum(len(group.events) for group in self.groups)
 
 
 @dataclass(frozen=True)
@@ -45,9 +70,10 @@ class Overview:
     first_step: int | None
     last_step: int | None
     steps_recorded: int
-    action_counts: Mapping[str, int]
+    counts: RunCounts
+    groups: tuple[EventGroup, ...]
     nonfinite_steps: tuple[int, ...]
-    top_fixes: tuple[tuple[str, tuple[int, ...]], ...]
+    fixes: tuple[FixItem, ...]
     lr_multiplier_varies: bool
     final_lr_multiplier: float | None
     lr_backoffs: int = 0
@@ -83,48 +109,80 @@ def run_outcome(run: RunData) -> Outcome:
     return Outcome("non-finite" if _is_nonfinite(final.loss) else "finite", last.step, final.loss)
 
 
-def rank_fixes(events: Sequence[EventRecord]) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """Distinct fixes with the steps of the events that suggested them; most often suggested first.
+_NUMBER = re.compile(r"\d+(?:\.\d+)?(?:e[+-]?\d+)?")
 
-    Ties keep the order in which the fixes were first suggested (dicts keep insertion order).
+
+def _shape(fix: str) -> str:
+    """A fix with its numbers masked: "clamp 3 zeros" and "clamp 12 zeros" are one fix."""
+    return _NUMBER.sub("#", fix)
+
+
+def distinct_fixes(groups: Sequence[EventGroup]) -> tuple[FixItem, ...]:
+    """Each distinct fix once, with every problem it applies to; most events first, then first suggested.
+
+    A group is represented by its first event's fixes (the one explained in full). Fixes that differ
+    only in their numbers are one fix; the first wording is kept and says which step its numbers are from.
     """
-    steps: dict[str, list[int]] = {}
-    for event in events:
-        for fix in dict.fromkeys(event.fixes):
-            steps.setdefault(fix, []).append(event.step)
-    ranked = sorted(steps.items(), key=lambda item: -len(item[1]))
-    return tuple((fix, tuple(fix_steps)) for fix, fix_steps in ranked)
+    found: dict[str, tuple[str, list[EventGroup], set[str]]] = {}
+    for group in groups:
+        for fix in dict.fromkeys(group.first.fixes):
+            _, members, wordings = found.setdefault(_shape(fix), (fix, [], set()))
+            members.append(group)
+            wordings.add(fix)
+        for event in group.events[1:]:
+            for fix in event.fixes:
+                if _shape(fix) in found:
+                    found[_shape(fix)][2].add(fix)
+    items = [FixItem(text, tuple(members), members[0].first.step if len(wordings) > 1 else None)
+             for text, members, wordings in found.values()]
+    return tuple(sorted(items, key=lambda item: -item.events))
 
 
-def _grouped_phrases(events: Sequence[EventRecord]) -> list[str]:
-    groups: dict[tuple[str, str], list[int]] = {}
-    for event in events:
-        key = (trigger_phrase(event.trigger, event.loss, event.grad_norm), action_phrase(event.action))
-        groups.setdefault(key, []).append(event.step)
-    phrases = []
-    for (what, action), steps in groups.items():
-        where = f"at step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}–{steps[-1]}"
-        phrases.append(f"{len(steps)}× {what} {where} ({action})")
-    return phrases
+def steps_range(steps: Sequence[int]) -> str:
+    """"step 31" / "steps 31, 34, 37" / "steps 31–97"."""
+    if len(steps) == 1:
+        return f"step {steps[0]}"
+    if len(steps) <= 3:
+        return "steps " + ", ".join(str(step) for step in steps)
+    return f"steps {min(steps)}–{max(steps)}"
 
 
-def headline(events: Sequence[EventRecord], outcome: Outcome) -> str:
+def span_phrase(steps: Sequence[int]) -> str:
+    """:func:`steps_range`, with the count when the range hides it: "steps 31–97 (30 events)"."""
+    return steps_range(steps) + (f" ({len(steps)} events)" if len(steps) > 3 else "")
+
+
+def group_phrase(group: EventGroup) -> str:
+    """"30× NaN loss at steps 31–97 (all skipped)" — or, for a single event, that event's phrase."""
+    first = group.first
+    if len(group.events) == 1:
+        return event_phrase(first)
+    what = trigger_phrase(first.trigger, first.loss, first.grad_norm)
+    where = steps_range(group.steps)
+    counts = group.action_counts()
+    if len(counts) == 1:
+        actions = f"all {action_phrase(next(iter(counts)))}"
+    else:
+        actions = ", ".join(f"{n} {action_phrase(a)}" for a, n in counts.items())
+    return f"{len(group.events)}× {what} at {where} ({actions})"
+
+
+def headline(events: Sequence[EventRecord], outcome: Outcome, groups: Sequence[EventGroup] | None = None,
+             steps: int | None = None) -> str:
     """The one sentence at the top of the report."""
     if not events:
+        if steps == 0 or (steps is None and outcome.state == "unknown"):
+            return "No events, and no optimizer step was recorded: nothing was checked."
         return f"No events: every guarded step was finite and in range; {outcome.sentence}."
-    count = f"{len(events)} event{'s' if len(events) != 1 else ''}"
-    if len(events) <= MAX_LISTED_EVENTS:
-        phrases = [event_phrase(event) for event in events]
-    else:
-        phrases = _grouped_phrases(events)
-    return f"{count}: {', '.join(phrases)}; {outcome.sentence}."
-
-
-def _action_counts(run: RunData) -> dict[str, int]:
-    """Counts per action, from history when it has them (it sees clips events do not), else from events."""
-    from_history = Counter(row.action for row in run.history if row.action != "none")
-    from_events = Counter(event.action for event in run.events if event.action != "none")
-    return {action: max(from_history[action], from_events[action]) for action in from_history | from_events}
+    groups = group_events(events) if groups is None else groups
+    count = plural(len(events), "event")
+    if len(events) <= MAX_LISTED_EVENTS and len(groups) == len(events):
+        return f"{count}: {', '.join(event_phrase(event) for event in events)}; {outcome.sentence}."
+    kinds = ", all of one kind" if len(groups) == 1 else f" of {len(groups)} kinds"
+    phrases = [group_phrase(group) for group in groups[:MAX_HEADLINE_GROUPS]]
+    if len(groups) > MAX_HEADLINE_GROUPS:
+        phrases.append(f"and {plural(len(groups) - MAX_HEADLINE_GROUPS, 'more kind')}")
+    return f"{count}{kinds}: {'; '.join(phrases)}; {outcome.sentence}."
 
 
 def _lr_multipliers(history: Sequence[HistoryRow]) -> list[float]:
@@ -172,19 +230,22 @@ def count_lr_backoffs(run: RunData) -> int:
 
 def summarise(run: RunData) -> Overview:
     outcome = run_outcome(run)
+    groups = group_events(run.events)
+    counts = count_run(run, len(groups))
     steps = [row.step for row in run.history] + [event.step for event in run.events]
     multipliers = _lr_multipliers(run.history)
     nonfinite = {row.step for row in run.history if _is_nonfinite(row.loss) or _is_nonfinite(row.grad_norm)}
     nonfinite |= {event.step for event in run.events if _is_nonfinite(event.loss) or _is_nonfinite(event.grad_norm)}
     return Overview(
-        headline=headline(run.events, outcome),
+        headline=headline(run.events, outcome, groups, counts.steps),
         outcome=outcome,
         first_step=min(steps) if steps else None,
         last_step=max(steps) if steps else None,
         steps_recorded=len(run.history),
-        action_counts=_action_counts(run),
+        counts=counts,
+        groups=groups,
         nonfinite_steps=tuple(sorted(nonfinite)),
-        top_fixes=rank_fixes(run.events),
+        fixes=distinct_fixes(groups),
         lr_multiplier_varies=any(not math.isclose(value, 1.0) for value in multipliers),
         final_lr_multiplier=multipliers[-1] if multipliers else None,
         lr_backoffs=count_lr_backoffs(run),

@@ -23,9 +23,9 @@ FORMATS = ("html", "md", "both")
 
 
 def build_content(run: RunData) -> ReportContent:
-    drawn = build_charts(run)
-    return ReportContent(run=run, overview=summarise(run), charts=drawn.charts, plot_note=drawn.note,
-                         module_charts_omitted=drawn.omitted)
+    overview = summarise(run)
+    drawn = build_charts(run, overview.groups)
+    return ReportContent(run=run, overview=overview, charts=drawn.charts, plot_note=drawn.note)
 
 
 def report_paths(run_dir: Path, out: str | os.PathLike[str] | None, fmt: str) -> dict[str, Path]:

@@ -21,6 +21,8 @@ TRIGGER_WORDS = {
     "loss_spike": "loss spike",
     "grad_spike": "gradient spike",
     "divergence": "divergence",
+    "exception": "the step raised an exception",
+    "stalled": "training stalled",
 }
 
 ACTION_WORDS = {
@@ -54,15 +56,37 @@ CAUSE_WORDS = {
 }
 
 
+NEWER_CAUSE_WORDS = {
+    "level_shift": "the loss moved to a new stable level (accepted as the new normal)",
+    "learning_rate_spike": "the update used a learning rate far above the schedule's recent values",
+    "update_underflow": "updates too small for the weights' precision round away",
+    "scaled_gradient_misuse": "gradients used while still multiplied by the GradScaler's scale",
+}
+"""Words for causes added to the schema after :data:`CAUSE_WORDS` was written (it is moving to the cause registry)."""
+
+
 ROOT_MODULE = "(root module)"
 """How the model itself reads: its module name is ``''``, which would otherwise print as nothing."""
 
 
 def module_name(name: str | None) -> str | None:
-    """``''`` -> "(root module)"; ``None`` (not located) stays ``None`` so callers show their dash."""
+    """How a module reads: ``''`` -> "(root module)", ``'0.attn'`` -> "model[0].attn", others as named.
+
+    A name that starts with an index (children of an ``nn.Sequential`` or ``nn.ModuleList`` root)
+    would print as a bare "'0'"; written as the indexing that reaches it, it says what it is.
+    ``None`` (not located) stays ``None`` so callers show their dash.
+    """
     if name is None:
         return None
-    return name if name else ROOT_MODULE
+    if not name:
+        return ROOT_MODULE
+    parts = name.split(".")
+    if not parts[0].isdigit():
+        return name
+    text = "model"
+    for part in parts:
+        text += f"[{part}]" if part.isdigit() else f".{part}"
+    return text
 
 
 LR_BACKOFFS_LABEL = "LR cuts (backoffs + rollbacks)"
@@ -134,7 +158,7 @@ def action_phrase(action: str) -> str:
 
 
 def cause_phrase(cause: str) -> str:
-    return CAUSE_WORDS.get(cause, cause.replace("_", " "))
+    return CAUSE_WORDS.get(cause) or NEWER_CAUSE_WORDS.get(cause) or cause.replace("_", " ")
 
 
 def steps_phrase(steps: tuple[int, ...] | list[int], limit: int = 4) -> str:
@@ -144,7 +168,18 @@ def steps_phrase(steps: tuple[int, ...] | list[int], limit: int = 4) -> str:
     return f"step{'s' if len(steps) > 1 else ''} {shown}{more}"
 
 
-def _value(event: Mapping[str, Any], key: str) -> float | None:
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """"1 event", "2 events", "1 batch" / "3 batches" (``many`` for irregular plurals)."""
+    return f"{count} {word if count == 1 else many or word + 's'}"
+
+
+def ordinal(number: int) -> str:
+    """1 -> "1st", 12 -> "12th", 22 -> "22nd"."""
+    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"{number}{suffix}"
+
+
+def event_value(event: Mapping[str, Any], key: str) -> float | None:
     """The event's number, or the non-finite value its ``*_repr`` field kept (JSON has no NaN)."""
     value = event.get(key)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -161,41 +196,88 @@ def _value(event: Mapping[str, Any], key: str) -> float | None:
 def where_phrase(diagnosis: Mapping[str, Any]) -> str:
     """"module 'blocks.3.attn', op aten::_softmax, tensor 'x'" — the parts that are known.
 
-    The root module (name ``''``) reads "(root module)", not "module ''".
+    The root module (name ``''``) reads "(root module)", not "module ''"; a module reached by index
+    reads as the indexing ("module model[0]"), not "module '0'".
     """
     parts = []
     for key in ("module", "op", "tensor"):
         value = diagnosis.get(key)
         if value is None:
             continue
-        if key == "module" and value == "":
-            parts.append(ROOT_MODULE)
+        if key == "module":
+            shown = module_name(str(value)) or ""
+            parts.append(shown if shown == ROOT_MODULE else f"module {shown if shown != value else repr(shown)}")
         else:
             parts.append(f"op {value}" if key == "op" else f"{key} {str(value)!r}")
     return ", ".join(parts)
 
 
-def event_block(event: Mapping[str, Any], *, max_evidence: int | None = 6, max_fixes: int | None = 4) -> str:
-    """One readable block for an ``events.jsonl`` record; the wording of ``Event.summary()``."""
+def _diagnosis(event: Mapping[str, Any]) -> Mapping[str, Any]:
     diagnosis = event.get("diagnosis") or {}
-    if not isinstance(diagnosis, Mapping):
-        diagnosis = {}
-    loss = _value(event, "loss")
+    return diagnosis if isinstance(diagnosis, Mapping) else {}
+
+
+def event_head(event: Mapping[str, Any]) -> str:
+    """"[nanguard] step 120: nonfinite_loss -> skip (loss=NaN)"."""
+    loss = event_value(event, "loss")
     head = f"[nanguard] step {event.get('step', '?')}: {event.get('trigger', '?')} -> {event.get('action', '?')}"
-    if loss is not None:
-        head += f" (loss={format_number(loss)})"
-    cause_line = f"  cause: {diagnosis.get('cause', 'unknown')} in {diagnosis.get('phase', 'unknown')}"
+    return head + (f" (loss={format_number(loss)})" if loss is not None else "")
+
+
+def cause_line(diagnosis: Mapping[str, Any]) -> str:
+    """"masked_softmax_all_masked in forward; module 'blocks.0.attn', op aten::_softmax (confidence 0.95)"."""
+    line = f"{diagnosis.get('cause', 'unknown')} in {diagnosis.get('phase', 'unknown')}"
     where = where_phrase(diagnosis)
     if where:
-        cause_line += f"; {where}"
+        line += f"; {where}"
     confidence = diagnosis.get("confidence")
     if isinstance(confidence, (int, float)) and confidence:
-        cause_line += f" (confidence {float(confidence):.2f})"
-    lines = [head, cause_line]
+        line += f" (confidence {float(confidence):.2f})"
+    return line
+
+
+def _contributing_lines(diagnosis: Mapping[str, Any]) -> list[tuple[str, str]]:
+    items = diagnosis.get("contributing")
+    lines = []
+    for item in items if isinstance(items, list) else []:
+        if isinstance(item, Mapping) and item.get("cause"):
+            evidence = [str(line) for line in item.get("evidence") or [] if line]
+            lines.append(("contributing", f"{item['cause']}" + (f": {evidence[0]}" if evidence else "")))
+    return lines
+
+
+def event_lines(event: Mapping[str, Any], *, max_evidence: int | None = 6,
+                max_fixes: int | None = 4) -> list[tuple[str, str]]:
+    """An event as (kind, text) lines: kind is head, cause, note, evidence, contributing or fix.
+
+    :func:`event_block` prints them plainly; the live console styles each kind.
+    """
+    diagnosis = _diagnosis(event)
+    lines = [("head", event_head(event)), ("cause", cause_line(diagnosis))]
+    details = event.get("details")
+    if isinstance(details, Mapping) and details.get("exception"):
+        lines.append(("raised", str(details["exception"])))
+    pointer = diagnosis.get("same_as_step")
+    if isinstance(pointer, int) and not isinstance(pointer, bool):
+        lines.append(("note", f"diagnosis carried over from step {pointer} (same signature; this step was not replayed)"))
     evidence = [str(line) for line in diagnosis.get("evidence") or []]
-    fixes = [str(line) for line in diagnosis.get("fixes") or []]
-    lines += [f"  evidence: {line}" for line in evidence[:max_evidence]]
+    lines += [("evidence", line) for line in evidence[:max_evidence]]
     if max_evidence is not None and len(evidence) > max_evidence:
-        lines.append(f"  evidence: ... {len(evidence) - max_evidence} more in events.jsonl")
-    lines += [f"  fix: {line}" for line in fixes[:max_fixes]]
-    return "\n".join(lines)
+        lines.append(("evidence", f"... {len(evidence) - max_evidence} more in events.jsonl"))
+    lines += _contributing_lines(diagnosis)
+    lines += [("fix", str(line)) for line in (diagnosis.get("fixes") or [])[:max_fixes]]
+    return lines
+
+
+def event_block(event: Mapping[str, Any], *, max_evidence: int | None = 6, max_fixes: int | None = 4) -> str:
+    """One readable block for an ``events.jsonl`` record: the console's and ``nanguard events``' wording."""
+    return "\n".join(text if kind == "head" else f"  {kind}: {text}"
+                     for kind, text in event_lines(event, max_evidence=max_evidence, max_fixes=max_fixes))
+
+
+def repeat_line(event: Mapping[str, Any], first_step: int, count: int) -> str:
+    """"[nanguard] step 97: same as step 31, skipped (NaN loss; 12th time)": a repeat, in one line."""
+    loss, grad = event_value(event, "loss"), event_value(event, "grad_norm")
+    what = trigger_phrase(str(event.get("trigger", "")), loss, grad)
+    action = action_phrase(str(event.get("action", "none")))
+    return f"[nanguard] step {event.get('step', '?')}: same as step {first_step}, {action} ({what}; {ordinal(count)} time)"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -189,3 +189,34 @@ def outlier_ceiling(values: Iterable[float]) -> float | None:
     if above == 0 or above > MAX_OUTLIER_FRACTION * len(finite):
         return None
     return ceiling
+
+
+def text_box(text: Any, renderer: Any, pad_px: float = 2.0) -> Any:
+    """The pixel box a text artist covers, bounding box included, grown by ``pad_px``."""
+    from matplotlib.transforms import Bbox
+
+    box = text.get_window_extent(renderer)
+    patch = text.get_bbox_patch()
+    if patch is not None:
+        patch_box = patch.get_window_extent(renderer)
+        box = Bbox.union([box, patch_box])
+    return Bbox.from_extents(box.x0 - pad_px, box.y0 - pad_px, box.x1 + pad_px, box.y1 + pad_px)
+
+
+def keep_apart(texts: Sequence[Any], fig: Any, avoid: Sequence[Any] = ()) -> int:
+    """Hide each text that would overlap one kept before it (or one of ``avoid``); returns how many were hidden.
+
+    Labels are measured where the renderer will draw them, so "no two labels overlap" holds for the
+    image people see, whatever the font, the figure size or how close the steps are.
+    """
+    renderer = fig.canvas.get_renderer()
+    kept = [text_box(text, renderer) for text in avoid if text.get_visible() and text.get_text()]
+    hidden = 0
+    for text in texts:
+        box = text_box(text, renderer)
+        if any(box.overlaps(other) for other in kept):
+            text.set_visible(False)
+            hidden += 1
+        else:
+            kept.append(box)
+    return hidden
