@@ -100,3 +100,56 @@ def test_events_names_the_root_module(rollback_run_dir: Path, capsys) -> None:
     assert code == 0
     assert out.splitlines()[1] == "  cause: input_nonfinite in data; (root module), tensor 'loss_mask'"
     assert "module ''" not in out
+
+
+def test_events_tells_each_problem_once_then_one_line_per_repeat(repeated_run_dir: Path, capsys) -> None:
+    """32 events gave 201 lines from `nanguard events`, each repeating the same fix."""
+    code, out, _ = run_cli(capsys, "events", str(repeated_run_dir))
+    lines = out.splitlines()
+    assert code == 0 and len(lines) < 60
+    assert out.count("  fix: clamp the probabilities") == 1
+    assert "[nanguard] step 23: same as step 20, skipped (NaN loss; 2nd time)" in lines
+    assert "[nanguard] step 89: same as step 20, skipped (NaN loss; 24th time)" in lines
+    assert "[nanguard] step 113: same as step 110, rolled back (loss spike; 2nd time)" in lines
+    assert sum(line.startswith("[nanguard] step") for line in lines) == 30
+    code, full, _ = run_cli(capsys, "events", str(repeated_run_dir), "--full")
+    assert full.count("  fix: clamp the probabilities") == 24
+
+
+def test_events_short_is_one_line_per_event(repeated_run_dir: Path, capsys) -> None:
+    code, out, _ = run_cli(capsys, "events", str(repeated_run_dir), "--short")
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 31  # a header and 30 rows
+    assert lines[0].split() == ["step", "problem", "what", "action", "cause", "where"]
+    assert lines[1].split(None, 2)[:2] == ["20", "A"]
+    assert "A, same as step 20" in lines[2] and "invalid_math_domain" in lines[2] and "model[0]" in lines[2]
+    assert all(line == line.rstrip() for line in lines) and "\x1b" not in out  # piped: plain, no trailing blanks
+
+
+def test_events_problem_filter(repeated_run_dir: Path, capsys) -> None:
+    code, out, _ = run_cli(capsys, "events", str(repeated_run_dir), "--problem", "b", "--short")
+    assert code == 0 and [line.split()[0] for line in out.splitlines()[1:]] == ["31", "64", "97"]
+    code, _, err = run_cli(capsys, "events", str(repeated_run_dir), "--problem", "Q")
+    assert code == 2 and "--problem 'Q' is not a problem of this run; its problems are A, B, C" in err
+
+
+def test_events_renders_new_fields(tmp_path: Path, capsys) -> None:
+    """Triggers exception/stalled, diagnosis.contributing and same_as_step are shown, not dropped."""
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    events = [
+        {"step": 4, "trigger": "exception", "action": "abort",
+         "diagnosis": {"cause": "label_out_of_range", "phase": "data", "tensor": "labels",
+                       "contributing": [{"cause": "input_extreme_scale", "evidence": ["x max 1e9"]}]},
+         "details": {"exception": "IndexError: Target 101 is out of bounds."}},
+        {"step": 9, "trigger": "stalled", "action": "none",
+         "diagnosis": {"cause": "update_underflow", "phase": "optimizer", "same_as_step": 2}},
+    ]
+    (run_dir / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    code, out, _ = run_cli(capsys, "events", str(run_dir), "--full")
+    assert code == 0
+    assert "  raised: IndexError: Target 101 is out of bounds." in out
+    assert "  contributing: input_extreme_scale: x max 1e9" in out
+    assert "  note: diagnosis carried over from step 2 (same signature; this step was not replayed)" in out
+    code, out, _ = run_cli(capsys, "events", str(run_dir), "--short")
+    assert "the step raised an exception" in out and "training stalled" in out

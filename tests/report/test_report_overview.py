@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from nanguard.report.load import EventRecord, HistoryRow, ModuleStat, RunData, load_run
 from nanguard.report.overview import distinct_fixes, headline, run_outcome, summarise
 from nanguard.report.plots.curves import thin
-from nanguard.report.signature import group_events
 from nanguard.report.plots.modules import dtype_limit, select_modules
 from nanguard.report.plots.style import choose_scale, outlier_ceiling
+from nanguard.report.signature import group_events
 from nanguard.report.text import format_number, steps_phrase
 
 

@@ -26,7 +26,7 @@ from typing import Any, TextIO
 
 from nanguard.report.counts import LastLoss, RunCounts, Tallies, derive_counts, events_phrase
 from nanguard.report.signature import Sighting, SignatureTracker
-from nanguard.report.text import event_lines, format_number, repeat_line
+from nanguard.report.text import event_lines, format_number, plural, repeat_line
 from nanguard.sinks._rich import is_tty, make_console, styled_text, wants_color
 
 PREFIX = "[nanguard]"
@@ -224,7 +224,7 @@ class LiveConsole:
             what = events_phrase(counts) if counts.events else "no events (every checked step was finite)"
             line = f"{head}{steps} {what}"
             if counts.updates_not_applied:
-                line += f"; {counts.updates_not_applied} updates not applied"
+                line += f"; {plural(counts.updates_not_applied, 'update')} not applied"
             if counts.clipped:
                 line += f"; {counts.clipped} clipped"
             if counts.last_loss is not None:

@@ -47,6 +47,12 @@ def active_run_id() -> str | None:
     return run.info.run_id if run is not None else None
 
 
+def _first_line(exc: BaseException) -> str:
+    """MLflow's messages run to paragraphs; the error line keeps the first sentence."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.split(". ")[0]
+
+
 def _experiment_id(client: Any) -> str:
     if os.environ.get("MLFLOW_EXPERIMENT_ID"):
         return os.environ["MLFLOW_EXPERIMENT_ID"]
@@ -69,10 +75,16 @@ class MlflowSink(FailSafe):
 
         self._metric = Metric
         self.out_dir = Path(out_dir)
-        self.client = MlflowClient()
         run_id = run_id or active_run_id()
         self.owns_run = run_id is None
-        self.run_id = run_id if run_id is not None else self._create_run()
+        try:
+            self.client = MlflowClient()
+            self.run_id = run_id if run_id is not None else self._create_run()
+        except Exception as exc:
+            what = "create an MLflow run" if self.owns_run else f"log to MLflow run {run_id}"
+            raise UsageError(f"mlflow=True: could not {what} ({type(exc).__name__}: {_first_line(exc)}); set "
+                             "MLFLOW_TRACKING_URI (for a local folder also MLFLOW_ALLOW_FILE_STORE=true) or call "
+                             "mlflow.start_run() first") from exc
         self.flush_every = max(1, flush_every)
         self._pending: list[Any] = []
         self._tracker = SignatureTracker()
@@ -80,12 +92,7 @@ class MlflowSink(FailSafe):
         self._closed = False
 
     def _create_run(self) -> str:
-        try:
-            run = self.client.create_run(_experiment_id(self.client), run_name="nanguard", tags={"nanguard": "true"})
-        except Exception as exc:
-            raise UsageError(f"mlflow=True: could not create an MLflow run ({type(exc).__name__}: {exc}); set "
-                             "MLFLOW_TRACKING_URI (for a local folder also MLFLOW_ALLOW_FILE_STORE=true) or call "
-                             "mlflow.start_run() first") from exc
+        run = self.client.create_run(_experiment_id(self.client), run_name="nanguard", tags={"nanguard": "true"})
         return str(run.info.run_id)
 
     def _add(self, key: str, value: float, step: int) -> None:

@@ -68,7 +68,11 @@ class WandbSink(FailSafe):
         self._tracker = SignatureTracker()
         self._rows: list[list[Any]] = []
         self._closed = False
-        self._safely("setup", self._define_metrics)
+        try:
+            self._define_metrics()
+        except Exception as exc:
+            raise UsageError(f"wandb: could not set up logging to W&B run {getattr(run, 'id', '?')} "
+                             f"({type(exc).__name__}: {exc}); pass wandb=False to run without it") from exc
 
     def _start_run(self, project: str | None) -> Any:
         self.out_dir.mkdir(parents=True, exist_ok=True)
