@@ -131,18 +131,27 @@ def test_lr_cut_labels_are_all_shown_when_there_is_room() -> None:
 
 def test_module_chart_marks_the_birth_and_greys_what_only_received_it() -> None:
     """Every module was red at a NaN step, upstream ones included; forward and backward were one count."""
-    from nanguard.report.plots.modules import _is_grey, counts_text, draw_module_magnitudes, is_birth
+    from nanguard.report.plots.modules import (
+        _is_grey,
+        counts_text,
+        draw_module_magnitudes,
+        figure_size,
+        is_birth,
+    )
 
     stats = [ModuleStat("blocks.0.ln1", "float32", 4.4, 0.1, 2, forward_nonfinite=0, backward_nonfinite=2,
                         role="upstream"),
              ModuleStat("blocks.0.attn", "float32", 35.9, None, 3, forward_nonfinite=1, backward_nonfinite=2,
                         role="birth"),
-             ModuleStat("head", "float32", None, None, 5, forward_nonfinite=4, backward_nonfinite=1, role="downstream")]
-    assert [counts_text(s, None) for s in stats] == ["bwd 2", "born here · fwd 1 · bwd 2", "fwd 4 · bwd 1"]
-    assert [is_birth(s, "head") for s in stats] == [False, True, False]  # the record's role wins over the guess
-    assert [_is_grey(s, None) for s in stats] == [False, False, True]
-    with figure(10, 3) as fig:
+             ModuleStat("head", "float32", None, None, 5, forward_nonfinite=4, backward_nonfinite=1, role="downstream"),
+             ModuleStat("mlp", "float16", 3e4, 1e3, 0, forward_nonfinite=0, backward_nonfinite=0, role="clean"),
+             ModuleStat("norm", "bfloat16", 3e4, 1e3, 0, forward_nonfinite=0, backward_nonfinite=0, role="clean")]
+    assert [counts_text(s, None) for s in stats] == ["bwd 2", "born here · fwd 1 · bwd 2", "fwd 4 · bwd 1", "", ""]
+    assert [is_birth(s, "head") for s in stats] == [False, True, False, False, False]  # the record's role wins
+    assert [_is_grey(s, None) for s in stats] == [False, False, True, False, False]
+    with figure(*figure_size(stats, "blocks.0.attn")[:2]) as fig:
         draw_module_magnitudes(fig, stats, "blocks.0.attn")
+        assert "float16 max 65,504" in [t.get_text() for t in fig.axes[0].texts]
         ticks = fig.axes[0].get_yticklabels()
         labels = {t.get_text(): t.get_color() for t in ticks}
         assert labels["▶ blocks.0.attn  [float32]"] == "#c92a2a"

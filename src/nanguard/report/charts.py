@@ -54,6 +54,9 @@ def module_caption(event: EventRecord, shown: int, first_step: int) -> str | Non
         notes.append(f"{MAX_MODULES} of {len(stats)} modules: where the bad value was born, those that saw NaN/Inf "
                      "in the forward pass, then the rest by NaN/Inf count and size.")
     if any(stat.has_split for stat in stats):
+        if any(stat.nonfinite for stat in stats):
+            notes.append("fwd N / bwd N: op outputs holding NaN/Inf in the forward / backward pass (intended -inf "
+                         "mask fills are not counted).")
         if not any(stat.role == "birth" for stat in stats) and any(stat.nonfinite for stat in stats):
             notes.append("No module is marked: the first bad value was born outside every module "
                          "(in the loss code or the optimizer); the modules only received it.")

@@ -188,7 +188,8 @@ def _style_labels(ax: Any, chosen: Sequence[ModuleStat], highlight: str | None) 
     ax.grid(axis="y", visible=False)
 
 
-def _legend(ax: Any, chosen: Sequence[ModuleStat], highlight: str | None) -> None:
+def _legend(fig: Any, chosen: Sequence[ModuleStat], highlight: str | None) -> None:
+    """Under the axis label: the space above the bars belongs to the dtype limit's label."""
     from matplotlib.patches import Patch
 
     handles = [Patch(color=color, label=label) for color, label, key in
@@ -201,8 +202,8 @@ def _legend(ax: Any, chosen: Sequence[ModuleStat], highlight: str | None) -> Non
     if any(_is_grey(s, highlight) for s in chosen):
         handles.append(Patch(color=DOWNSTREAM_TINT, label="only received it (downstream)" if split
                              else "saw NaN/Inf (not located)"))
-    ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=len(handles), fontsize=8,
-              borderaxespad=0.3, handlelength=1.2)
+    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=len(handles), fontsize=8,
+               borderaxespad=0.3, handlelength=1.2)
 
 
 def _extent(chosen: Sequence[ModuleStat]) -> tuple[float, float, dict[str, float], dict[str, float]]:
@@ -217,14 +218,14 @@ def figure_size(chosen: Sequence[ModuleStat], highlight: str | None) -> tuple[fl
     """(width, height, left margin, right margin) in inches: room for the names and the NaN/Inf counts."""
     left = 0.35 + CHAR_WIDTH_IN * max(len(_label(s, highlight)) for s in chosen)
     right = 0.5 + CHAR_WIDTH_IN * max((len(counts_text(s, highlight)) for s in chosen), default=0)
-    return left + 7.0 + right, 1.3 + ROW_HEIGHT_IN * len(chosen), left, right
+    return left + 7.0 + right, 1.5 + ROW_HEIGHT_IN * len(chosen), left, right
 
 
 def draw_module_magnitudes(fig: Any, chosen: Sequence[ModuleStat], highlight: str | None) -> None:
     bottom, top, drawn_limits, far_limits = _extent(chosen)
     _, _, left, right = figure_size(chosen, highlight)
     ax = fig.subplots()
-    set_margins(fig, left=left, right=right, top=0.45, bottom=0.85)
+    set_margins(fig, left=left, right=right, top=0.35, bottom=1.05)
     _draw_rows(ax, chosen, highlight, bottom)
     xlabel = "largest |value| per module at this step (log scale)"
     if far_limits:
@@ -235,7 +236,7 @@ def draw_module_magnitudes(fig: Any, chosen: Sequence[ModuleStat], highlight: st
     plain_log_ticks(ax.xaxis)
     ax.set_xlim(bottom, top)
     _style_labels(ax, chosen, highlight)
-    _legend(ax, chosen, highlight)
+    _legend(fig, chosen, highlight)
     limit_labels = []
     for name, value in drawn_limits.items():
         ax.axvline(value, color=NONFINITE_COLOR, linestyle="--", linewidth=1.4, zorder=4)
@@ -243,8 +244,7 @@ def draw_module_magnitudes(fig: Any, chosen: Sequence[ModuleStat], highlight: st
             f"{name} max {format_limit(value)}", (value, 1.0), xycoords=ax.get_xaxis_transform(), xytext=(-3, 3),
             textcoords="offset points", ha="right", va="bottom", fontsize=8, color=NONFINITE_COLOR,
             fontweight="bold", annotation_clip=False, **LITERAL))
-    legend = ax.get_legend()
-    if keep_apart(limit_labels, fig, avoid=legend.get_texts() if legend is not None else ()):
+    if keep_apart(limit_labels, fig):
         hidden = [label.get_text() for label in limit_labels if not label.get_visible()]
         ax.set_xlabel(f"{xlabel}\n{', '.join(hidden)}: the dashed red line", **LITERAL)
 
