@@ -201,3 +201,11 @@ def test_thin_steps_keeps_order_and_the_first_and_bounds_the_count(steps: list[i
     assert len(kept) <= limit + 1
     if steps:
         assert kept[0] == min(steps)
+
+
+def test_an_empty_history_says_nothing_was_checked_not_every_step_finite(tmp_path: Path) -> None:
+    """A script that crashed before its first optimizer step must not read "every step finite"."""
+    (tmp_path / "history.csv").write_text("step,loss\n")
+    overview = summarise(load_run(tmp_path))
+    assert overview.headline == "No events, and no optimizer step was recorded: nothing was checked."
+    assert overview.outcome.sentence == "how the run ended is unknown (history.csv has no rows)"

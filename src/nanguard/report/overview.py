@@ -30,6 +30,7 @@ class Outcome:
     state: str
     step: int | None
     loss: float | None
+    why_unknown: str = "no history.csv"
 
     @property
     def sentence(self) -> str:
@@ -37,7 +38,7 @@ class Outcome:
         if self.state == "aborted":
             return f"run aborted{at}"
         if self.state == "unknown":
-            return "how the run ended is unknown (no history.csv)"
+            return f"how the run ended is unknown ({self.why_unknown})"
         loss = f" (last training loss {format_number(self.loss)})" if self.loss is not None else ""
         return f"run ended {self.state}{at}{loss}"
 
@@ -100,12 +101,12 @@ def run_outcome(run: RunData) -> Outcome:
         step = aborted_events[-1].step if aborted_events else (last.step if last else None)
         return Outcome("aborted", step, aborted_events[-1].loss if aborted_events else None)
     if last is None:
-        return Outcome("unknown", None, None)
+        return Outcome("unknown", None, None, "history.csv has no rows" if run.has_history_file else "no history.csv")
     # A row can lack a loss (history_every > 1 leaves none out, but a crashed write can); use the last known.
     known = [row for row in run.history if row.loss is not None]
     final = known[-1] if known else last
     if final.loss is None:
-        return Outcome("unknown", last.step, None)
+        return Outcome("unknown", last.step, None, "history.csv records no loss")
     return Outcome("non-finite" if _is_nonfinite(final.loss) else "finite", last.step, final.loss)
 
 
