@@ -17,7 +17,7 @@ from nanguard.report.content import ReportContent
 from nanguard.report.counts import COUNT_LABELS, SUMMARY_KEYS, RunCounts
 from nanguard.report.html_cards import MAX_CARDS, cards, events_table, problems_table
 from nanguard.report.html_common import CSS, esc, esc_text, img, where_html
-from nanguard.report.overview import FixItem, group_phrase, steps_range
+from nanguard.report.overview import FixItem, group_phrase, more_fixes, steps_range
 from nanguard.report.signature import group_of_index
 from nanguard.report.text import LR_BACKOFFS_LABEL, cause_phrase, format_number, plural, summary_value
 
@@ -101,8 +101,7 @@ def _todo(content: ReportContent) -> str:
         return ""
     items = "".join(f'<li>{esc_text(item.text)} <span class="count">({esc(_fix_scope(item))})</span></li>'
                     for item in fixes[:MAX_FIXES])
-    more = (f"<p class='count'>{len(fixes) - MAX_FIXES} more fixes are in the cards below.</p>"
-            if len(fixes) > MAX_FIXES else "")
+    more = f"<p class='count'>{esc(more_fixes(len(fixes) - MAX_FIXES))}</p>" if len(fixes) > MAX_FIXES else ""
     return f'<section class="todo"><h2>What to do</h2><ol>{items}</ol>{more}</section>'
 
 

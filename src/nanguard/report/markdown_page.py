@@ -20,7 +20,7 @@ from nanguard.report.content import ReportContent
 from nanguard.report.counts import COUNT_LABELS, SUMMARY_KEYS, RunCounts
 from nanguard.report.html_cards import MAX_EVENT_ROWS, MAX_LISTED_STEPS, MAX_PROBLEM_ROWS
 from nanguard.report.load import EventRecord
-from nanguard.report.overview import FixItem, group_phrase, steps_range
+from nanguard.report.overview import FixItem, group_phrase, more_fixes, steps_range
 from nanguard.report.signature import EventGroup, group_of_index
 from nanguard.report.text import (
     LR_BACKOFFS_LABEL,
@@ -162,6 +162,8 @@ def _overview(content: ReportContent) -> list[str]:
         lines += ["", "## What to do", ""]
         lines += [f"{i}. {md_esc(item.text)} ({md_esc(_fix_scope(item))})"
                   for i, item in enumerate(ov.fixes[:MAX_FIXES], start=1)]
+        if len(ov.fixes) > MAX_FIXES:
+            lines += ["", md_esc(more_fixes(len(ov.fixes) - MAX_FIXES))]
     return lines
 
 

@@ -139,6 +139,11 @@ def distinct_fixes(groups: Sequence[EventGroup]) -> tuple[FixItem, ...]:
     return tuple(sorted(items, key=lambda item: -item.events))
 
 
+def more_fixes(count: int) -> str:
+    return (f"{plural(count, 'more fix', 'more fixes')} {'is' if count == 1 else 'are'} not listed here; the cards "
+            "below show each problem's fixes, and events.jsonl has every one (`nanguard events DIR`).")
+
+
 def steps_range(steps: Sequence[int]) -> str:
     """"step 31" / "steps 31, 34, 37" / "steps 31–97"."""
     if len(steps) == 1:
