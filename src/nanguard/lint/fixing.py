@@ -22,9 +22,9 @@ from nanguard.errors import NanguardError
 from nanguard.lint.findings import Finding, KeyPath
 from nanguard.lint.jsonfix import fix_json_text
 from nanguard.lint.loading import LoadedConfig, parse_text, plain
-from nanguard.lint.pyconfig import python_literal
+from nanguard.lint.pyconfig import PyExpr, python_literal
 from nanguard.lint.textedit import Edit, apply_edits, comment_edit, format_number, number_text
-from nanguard.lint.yamlspans import YamlText, yaml_scalar
+from nanguard.lint.yamlspans import yaml_scalar
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def _string_style(old: str) -> bool | None:
 def _like(new: Any, old: Any) -> Any:
     """``new`` in the type of ``old``: a numeric string stays a string, an int stays an int."""
     if isinstance(new, int | float) and not isinstance(new, bool):
-        if isinstance(old, str):
+        if isinstance(old, str) and not isinstance(old, PyExpr):  # an expression is replaced by a number
             return format_number(new, scientific=_string_style(old))
         if isinstance(old, int) and not isinstance(old, bool) and float(new).is_integer():
             return int(new)
@@ -193,7 +193,7 @@ def _edits(loaded: LoadedConfig, finding: Finding) -> tuple[list[Edit], str | No
 def _value_span(loaded: LoadedConfig, key_path: KeyPath) -> tuple[int, int] | None:
     assert loaded.text is not None
     if loaded.fmt == "yaml":
-        return YamlText(loaded.text, loaded.data).value_span(key_path)
+        return loaded.yaml_text.value_span(key_path)
     if loaded.fmt == "toml" and loaded.toml_spans is not None:
         return loaded.toml_spans.values.get(tuple(str(p) for p in key_path))
     if loaded.fmt == "python" and loaded.py_spans is not None and len(key_path) == 1:
@@ -223,7 +223,7 @@ def _insertion(loaded: LoadedConfig, finding: Finding, value: str) -> Edit | Non
     container, key = finding.key_path[:-1], str(finding.key_path[-1])
     after = finding.insert_after
     if loaded.fmt == "yaml":
-        return YamlText(loaded.text, loaded.data).insertion(container, key, value, after)
+        return loaded.yaml_text.insertion(container, key, value, after)
     if loaded.fmt == "toml" and loaded.toml_spans is not None:
         spans = loaded.toml_spans
         table = tuple(str(p) for p in container)

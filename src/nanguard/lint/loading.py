@@ -13,6 +13,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,9 @@ from nanguard.errors import ConfigError, UsageError
 from nanguard.lint.findings import KeyPath
 from nanguard.lint.jsonspans import JsonSpans, index_json
 from nanguard.lint.limits import check_size, check_text_depth, check_tree
-from nanguard.lint.pyconfig import PySpans, parse_python
+from nanguard.lint.pyconfig import PyExpr, PySpans, parse_python
 from nanguard.lint.tomlspans import TomlSpans, index_toml, parse_toml
+from nanguard.lint.yamlspans import YamlText
 
 FORMATS = {".yaml": "yaml", ".yml": "yaml", ".json": "json", ".toml": "toml", ".py": "python"}
 
@@ -52,6 +54,12 @@ class LoadedConfig:
         return None
 
 
+    @cached_property
+    def yaml_text(self) -> YamlText:
+        """Positions in the YAML text (built once: every finding's message and fix reads them)."""
+        assert self.text is not None
+        return YamlText(self.text, self.data)
+
     def value_text(self, key_path: KeyPath) -> str | None:
         """A scalar value's text as written in the file (``1e-2``, ``"-inf"``), or None."""
         if self.text is None:
@@ -64,9 +72,7 @@ class LoadedConfig:
         elif self.py_spans is not None and len(key_path) == 1:
             span = self.py_spans.values.get(str(key_path[0]))
         elif self.fmt == "yaml":
-            from nanguard.lint.yamlspans import YamlText
-
-            span = YamlText(self.text, self.data).value_span(key_path)
+            span = self.yaml_text.value_span(key_path)
         if span is None:
             return None
         text = self.text[span[0] : span[1]]
@@ -89,7 +95,7 @@ def load_config(path: str | Path) -> LoadedConfig:
     path = Path(path)
     fmt = config_format(path)
     _check_readable(path)
-    check_size(path)
+    check_size(path, fmt)
     text = read_text(path)
     return parse_text(text, path, fmt)
 
@@ -218,5 +224,5 @@ def plain(value: Any) -> Any:
     if isinstance(value, float):
         return float(value)
     if isinstance(value, str):
-        return str(value)
+        return value if isinstance(value, PyExpr) else str(value)
     return value

@@ -26,7 +26,16 @@ from nanguard.lint.rules_precision import (
     fp16_loss_scaling,
 )
 from nanguard.lint.schema import accepts_new_key
-from nanguard.lint.tree import as_bool, as_infinite, as_number, get_path, key_name, parent_name, walk
+from nanguard.lint.tree import (
+    as_bool,
+    as_infinite,
+    as_number,
+    get_path,
+    key_name,
+    parent_name,
+    walk,
+    walks_cached,
+)
 
 __all__ = ["FP16_SMALLEST_SUBNORMAL", "RULE_FUNCTIONS", "run_rules", "transformers_major"]
 
@@ -217,7 +226,8 @@ def run_rules(
     ``spelling`` gives a value's text as written in the file, so messages quote it exactly.
     """
     ctx = Context(data, fmt, spelling)
-    return [_schema_checked(ctx, finding) for rule in RULE_FUNCTIONS for finding in rule(ctx)]
+    with walks_cached(data):
+        return [_schema_checked(ctx, finding) for rule in RULE_FUNCTIONS for finding in rule(ctx)]
 
 
 def _schema_checked(ctx: Context, finding: Finding) -> Finding:
