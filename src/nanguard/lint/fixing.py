@@ -177,7 +177,8 @@ def _edits(loaded: LoadedConfig, finding: Finding) -> tuple[list[Edit], str | No
         if span is None:
             return [], None, ""
         old = text[span[0] : span[1]]
-        new = _scalar(loaded.fmt, finding.fix, old or None)
+        current = _current_value(loaded, finding.key_path)
+        new = _scalar(loaded.fmt, _like(finding.fix, current), old or None)
         if new is None:
             return [], None, ""
         edits = [Edit(span[0], span[1], new if old else f" {new}")]  # ``key:`` with nothing after it
@@ -188,6 +189,13 @@ def _edits(loaded: LoadedConfig, finding: Finding) -> tuple[list[Edit], str | No
         return [], None, ""
     insertion = _insertion(loaded, finding, new)
     return ([insertion] if insertion else []), None, new
+
+
+def _current_value(loaded: LoadedConfig, key_path: KeyPath) -> Any:
+    node: Any = loaded.data
+    for part in key_path:
+        node = node[part]
+    return plain(node) if not isinstance(node, Mapping | list) else None
 
 
 def _value_span(loaded: LoadedConfig, key_path: KeyPath) -> tuple[int, int] | None:
