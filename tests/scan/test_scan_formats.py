@@ -140,7 +140,10 @@ def test_pt_refuses_pickled_code(tmp_path):
 
     torch.save({"x": torch.ones(2), "obj": Fraction(1, 3)}, tmp_path / "unsafe.pt")
     found = _find(scan_paths([tmp_path]), "unreadable", None)
-    assert "cannot read" in found.message
+    # Regression (issue 13, item 12): torch's advice to retry with weights_only=False was repeated.
+    assert "weights_only=False" not in found.message and "False" not in found.message
+    assert "arbitrary Python objects (such as fractions.Fraction)" in found.message
+    assert "not loaded" in found.message
 
 
 # --------------------------------------------------------------------------- csv
