@@ -220,3 +220,11 @@ def test_row_by_row_values_keep_exact_row_indices(rows, flush_rows):
     assert ("nonfinite" in findings) == bool(nonfinite)
     assert list(findings["empty"].examples if empty else []) == empty[:10]
     assert ("empty" in findings) == bool(empty)
+
+
+def test_rows_mixing_scalars_and_lists_do_not_crash_the_constant_check():
+    """Regression: rows [[0, 0], 1.0, [0.0]] raised IndexError in the constant-column check."""
+    from nanguard.scan import scan_dataset
+
+    result = scan_dataset([{"v": [0.0, 0.0]}, {"v": 1.0}, {"v": [0.0]}])
+    assert [f.check for f in result.findings if f.check == "constant"] == []

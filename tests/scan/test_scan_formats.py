@@ -279,7 +279,7 @@ def test_scale_mismatch_flags_the_file_in_other_units(tmp_path):
     found = _find(result, "scale_mismatch", None)
     assert found.file == str(tmp_path / "e.npy")
     assert found.count == 200
-    assert "4 sibling files" in found.message
+    assert "the median of the 5 files" in found.message
 
 
 def test_scale_mismatch_compares_csv_columns_across_shards(tmp_path):

@@ -66,32 +66,36 @@ def _schema(file_scan: FileScan) -> frozenset[str | None]:
 
 
 def _compare(member: Member, others: list[Member], options: ScanOptions) -> Finding | None:
+    """Compare a field with the median of its collection (itself included, so one outlier among three
+    files does not move the reference); with only two files, with the other one."""
     same = [m for m in others if m.schema == member.schema]
     if member.tight and same:
-        siblings = same
+        peers, threshold = same, 0.0
         spread = max(m.magnitude for m in same) / min(m.magnitude for m in same)
         threshold = min(options.scale_ratio, max(options.sibling_ratio, 2 * spread))
-        kind = "with the same fields"
+        kind = " with the same fields"
     elif others:
-        siblings, threshold, kind, spread = others, options.scale_ratio, "", 0.0
+        peers, threshold, kind, spread = others, options.scale_ratio, "", 0.0
     else:
         return None
-    reference = statistics.median(m.magnitude for m in siblings)
+    everyone = [member.magnitude, *(m.magnitude for m in peers)]
+    reference = statistics.median(everyone) if len(everyone) >= 3 else peers[0].magnitude
     ratio = member.magnitude / reference
     if 1 / threshold < ratio < threshold:
         return None
-    count = len(siblings)
-    noun = f"sibling file{'s' if count > 1 else ''}{' ' + kind if kind else ''}"
-    if count == 1 and kind:
-        judgement = "the two files disagree and one of them is likely in other units"
-    else:
-        agree = f" (which agree within {spread:.1f}x)" if kind and count > 1 else ""
-        judgement = f"is this file in other units or unnormalised{agree}?"
     label = "|x|" if member.scanner.field is None else f"|{member.scanner.field}|"
-    message = (
-        f"typical {label} is {_num(member.magnitude)}, {_ratio(ratio)} the median of its {count} {noun} "
-        f"({_num(reference)}); {judgement}"
-    )
+    if len(everyone) == 2:
+        judgement = (
+            f"{_ratio(ratio)} the one sibling file{kind} ({_num(reference)}): the two disagree, and one "
+            "of them is likely in other units"
+        )
+    else:
+        agree = f", whose other files agree within {spread:.1f}x" if kind and len(peers) > 1 else ""
+        judgement = (
+            f"{_ratio(ratio)} the median of the {len(everyone)} files{kind} ({_num(reference)}{agree}): "
+            "is this file in other units or unnormalised?"
+        )
+    message = f"typical {label} is {_num(member.magnitude)}, {judgement}"
     return Finding(member.file.name, member.scanner.field, "scale_mismatch", member.scanner.rows, (), message)
 
 

@@ -351,6 +351,9 @@ class FieldScanner:
         self.ids_out_of_range.add(int(np.count_nonzero(mask)), self._bad_rows(mask, rows), self.options.max_examples)
 
     def _track_constant(self, values: np.ndarray, low: float, high: float) -> None:
+        if (values.ndim == 1) != (self._reference is None) and self._columns is not None:
+            self._can_be_constant = False  # rows mix scalars and lists: no columns to compare
+            return
         if values.ndim == 1:
             self._low = low if self._low is None else min(self._low, low)
             self._high = high if self._high is None else max(self._high, high)

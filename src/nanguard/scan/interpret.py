@@ -122,9 +122,8 @@ def field_findings(scanner: FieldScanner) -> list[Finding]:
         found.append(_range_finding(scanner))
     if scanner.ids_out_of_range.count and assumed_tokens(scanner):
         found.append(_assumed_token_finding(scanner))
-    if scanner.extreme.count and not (integral(scanner) and (timestamps(scanner) or identifiers(scanner))):
-        if not assumed_tokens(scanner):
-            found.append(_extreme_finding(scanner))
+    if scanner.extreme.count and not _exempt_from_fp16_range(scanner):
+        found.append(_extreme_finding(scanner))
     columns = scanner.constant_columns()
     if columns:
         found.append(_constant_finding(scanner, columns))
@@ -135,6 +134,11 @@ def field_findings(scanner: FieldScanner) -> list[Finding]:
                      f"{plural(scanner.empty.count, 'empty row')} ({reasons})")
         )
     return found
+
+
+def _exempt_from_fp16_range(scanner: FieldScanner) -> bool:
+    """Timestamps, identifiers and token ids are never cast to float16: their size is not a hazard."""
+    return assumed_tokens(scanner) or (integral(scanner) and (timestamps(scanner) or identifiers(scanner)))
 
 
 def _finding(scanner: FieldScanner, check: str, count: int, examples: list[int], message: str) -> Finding:
