@@ -223,8 +223,12 @@ def test_row_by_row_values_keep_exact_row_indices(rows, flush_rows):
 
 
 def test_rows_mixing_scalars_and_lists_do_not_crash_the_constant_check():
-    """Regression: rows [[0, 0], 1.0, [0.0]] raised IndexError in the constant-column check."""
-    from nanguard.scan import scan_dataset
+    """Regression: rows [[0, 0], 1.0, [0.0]] flushed one by one raised IndexError in the constant check."""
+    from nanguard.scan.feed import FileScan, RowBuffer
 
-    result = scan_dataset([{"v": [0.0, 0.0]}, {"v": 1.0}, {"v": [0.0]}])
-    assert [f.check for f in result.findings if f.check == "constant"] == []
+    scan = FileScan("rows.jsonl", None, Options())
+    buffer = RowBuffer(scan.field("x"), flush_rows=1)
+    for index, value in enumerate([[0.0, 0.0], 1.0, [0.0]]):
+        buffer.add(index, value)
+    buffer.flush()
+    assert [f.check for f in scan.findings()] == []
