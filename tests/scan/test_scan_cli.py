@@ -71,7 +71,7 @@ def test_json_output_has_exactly_the_contract_keys(run_cli, dataset):
     code, out, _ = run_cli(str(dataset), "--num-classes", "3", "--json")
     assert code == 1
     report = json.loads(out)
-    assert set(report) == {"findings", "files", "bytes", "seconds"}
+    assert set(report) == {"findings", "files", "bytes", "seconds", "notes", "skipped"}
     assert report["files"] == [str(dataset / "labels.npy"), str(dataset / "x.npy")]
     assert isinstance(report["bytes"], int) and isinstance(report["seconds"], float)
     for finding in report["findings"]:
@@ -153,7 +153,8 @@ class _Terminal(io.StringIO):
         return True
 
 
-def test_progress_shows_only_on_a_terminal_after_the_delay():
+def test_progress_shows_only_on_a_terminal_after_the_delay(monkeypatch):
+    monkeypatch.delenv("NO_COLOR", raising=False)
     now = [0.0]
     terminal = _Terminal()
     progress = Progress(1000, terminal, delay=1.0, clock=lambda: now[0])
@@ -162,9 +163,11 @@ def test_progress_shows_only_on_a_terminal_after_the_delay():
     assert terminal.getvalue() == ""  # under a second: silent
     now[0] = 2.0
     progress.advance(400)
-    assert "50%" in terminal.getvalue() and "big.npy" in terminal.getvalue()
+    drawn = terminal.getvalue()
+    assert "50%" in drawn and "big.npy" in drawn
+    assert "\x1b[3" in drawn or "\x1b[9" in drawn  # in colour on a terminal
     progress.close()
-    assert terminal.getvalue().endswith("\r")
+    assert terminal.getvalue().endswith("\x1b[2K")  # the bar is erased when the scan ends
 
     piped = io.StringIO()
     quiet = Progress(1000, piped, delay=0.0, clock=lambda: now[0])
@@ -172,3 +175,21 @@ def test_progress_shows_only_on_a_terminal_after_the_delay():
     quiet.advance(1000)
     quiet.close()
     assert piped.getvalue() == ""
+
+
+def test_progress_is_plain_when_no_color_is_set(monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")
+    now = [0.0]
+    terminal = _Terminal()
+    progress = Progress(1000, terminal, delay=0.0, clock=lambda: now[0])
+    now[0] = 1.0
+    progress.advance(500)
+    progress.close()
+    drawn = terminal.getvalue()
+    assert "50%" in drawn and not any(f"\x1b[{code}" in drawn for code in ("31m", "32m", "35m", "91m"))
+
+
+def test_import_nanguard_does_not_load_rich():
+    code = "import sys, nanguard, nanguard.scan.command, nanguard.scan.progress; print('rich' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert proc.stdout.strip() == "False"

@@ -220,3 +220,15 @@ def test_row_by_row_values_keep_exact_row_indices(rows, flush_rows):
     assert ("nonfinite" in findings) == bool(nonfinite)
     assert list(findings["empty"].examples if empty else []) == empty[:10]
     assert ("empty" in findings) == bool(empty)
+
+
+def test_rows_mixing_scalars_and_lists_do_not_crash_the_constant_check():
+    """Regression: rows [[0, 0], 1.0, [0.0]] flushed one by one raised IndexError in the constant check."""
+    from nanguard.scan.feed import FileScan, RowBuffer
+
+    scan = FileScan("rows.jsonl", None, Options())
+    buffer = RowBuffer(scan.field("x"), flush_rows=1)
+    for index, value in enumerate([[0.0, 0.0], 1.0, [0.0]]):
+        buffer.add(index, value)
+    buffer.flush()
+    assert [f.check for f in scan.findings()] == []

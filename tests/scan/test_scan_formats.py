@@ -140,7 +140,10 @@ def test_pt_refuses_pickled_code(tmp_path):
 
     torch.save({"x": torch.ones(2), "obj": Fraction(1, 3)}, tmp_path / "unsafe.pt")
     found = _find(scan_paths([tmp_path]), "unreadable", None)
-    assert "cannot read" in found.message
+    # Regression (issue 13, item 12): torch's advice to retry with weights_only=False was repeated.
+    assert "weights_only=False" not in found.message and "False" not in found.message
+    assert "arbitrary Python objects (such as fractions.Fraction)" in found.message
+    assert "not loaded" in found.message
 
 
 # --------------------------------------------------------------------------- csv
@@ -276,7 +279,7 @@ def test_scale_mismatch_flags_the_file_in_other_units(tmp_path):
     found = _find(result, "scale_mismatch", None)
     assert found.file == str(tmp_path / "e.npy")
     assert found.count == 200
-    assert "4 sibling files" in found.message
+    assert "the median of the 5 files" in found.message
 
 
 def test_scale_mismatch_compares_csv_columns_across_shards(tmp_path):

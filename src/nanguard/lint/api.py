@@ -17,9 +17,9 @@ from typing import Any
 
 from nanguard.errors import UsageError
 from nanguard.lint.findings import RULES, Finding
-from nanguard.lint.fixing import fix_json_text, fix_mapping, fix_yaml_text, planned
-from nanguard.lint.jsonspans import index_json
-from nanguard.lint.loading import LoadedConfig, load_config, parse_json, parse_yaml
+from nanguard.lint.fixing import Change, fix_mapping, fix_text, output_path_problem, planned
+from nanguard.lint.limits import check_tree
+from nanguard.lint.loading import LoadedConfig, load_config
 from nanguard.lint.locate import find_sections
 from nanguard.lint.rules import run_rules
 
@@ -33,8 +33,10 @@ class FixResult:
     """What :func:`fix_config` did.
 
     ``findings`` are the input's; ``applied`` the ones fixed; ``remaining`` what a lint of the fixed
-    config still reports (the findings that need a person). ``output_path`` is None for a mapping
-    input or when nothing was fixable; ``document`` is the fixed mapping or the fixed file's text.
+    config still reports (the findings that need a person). ``changes`` says, for a file, each value
+    written (old and new text, line); ``refused`` the fixable findings whose fix could not be written
+    safely. ``output_path`` is None for a mapping input or when nothing was fixed; ``document`` is the
+    fixed mapping or the fixed file's text.
     """
 
     findings: list[Finding]
@@ -43,32 +45,41 @@ class FixResult:
     output_path: Path | None = None
     document: Any = None
     shape: str = field(default="freeform")
+    changes: list[Change] = field(default_factory=list)
+    refused: list[Finding] = field(default_factory=list)
+
+    @property
+    def problems_left(self) -> list[Finding]:
+        """The remaining findings that are problems (errors and warnings), not questions or notes."""
+        return [f for f in self.remaining if f.severity != "info"]
 
 
 def load(source: Source) -> LoadedConfig:
     """A :class:`LoadedConfig` for a path or an in-memory mapping."""
     if isinstance(source, Mapping):
+        check_tree(source, "<mapping>")
         return LoadedConfig(data=source, fmt="mapping")
     return load_config(Path(os.fspath(source)))
 
 
 def config_shape(source: Source | LoadedConfig) -> str:
-    """'huggingface', 'lightning', 'deepspeed', 'accelerate' or 'freeform'."""
+    """'huggingface', 'lightning', 'deepspeed', 'accelerate', 'jsonargparse', 'hydra', 'nanogpt',
+    'torchtitan' or 'freeform'."""
     loaded = source if isinstance(source, LoadedConfig) else load(source)
-    return find_sections(loaded.data).shape
+    return find_sections(loaded.data, loaded.fmt).shape
 
 
 def lint_config(source: Source | LoadedConfig, *, ignore: Iterable[str] = ()) -> list[Finding]:
     """Every finding for a config file (YAML or JSON) or an already-parsed mapping.
 
     Findings carry 1-based line numbers for files; a ``# nanguard: ignore`` or
-    ``# nanguard: ignore[rule, ...]`` comment on a key's line silences it (YAML).
+    ``# nanguard: ignore[rule, ...]`` comment on a key's line silences it (YAML, TOML, Python).
     """
     loaded = source if isinstance(source, LoadedConfig) else load(source)
     ignored = _check_rule_names(ignore)
     lines = loaded.text.splitlines() if loaded.text is not None else []
     findings = []
-    for finding in run_rules(loaded.data):
+    for finding in run_rules(loaded.data, loaded.fmt, loaded.value_text):
         line = loaded.line_of(finding.key_path) if finding.exists else None
         if finding.rule in ignored or _suppressed(lines, line, finding.rule):
             continue
@@ -97,7 +108,7 @@ def fix_config(
     loaded = load(source)
     findings = lint_config(loaded, ignore=ignore)
     plan = planned(findings)
-    shape = find_sections(loaded.data).shape
+    shape = find_sections(loaded.data, loaded.fmt).shape
     if loaded.path is None:
         fixed = fix_mapping(loaded.data, plan)
         remaining = lint_config(LoadedConfig(data=fixed, fmt="mapping"), ignore=ignore)
@@ -106,21 +117,17 @@ def fix_config(
         return FixResult(findings, [], findings, None, loaded.text, shape)
     target = Path(output) if output is not None else fixed_path(loaded.path)
     _check_target(loaded.path, target, overwrite)
-    assert loaded.text is not None
-    if loaded.fmt == "yaml":
-        text = fix_yaml_text(loaded.text, plan)
-        data = parse_yaml(text, target)
-    else:
-        text = fix_json_text(loaded.text, plan)
-        data = parse_json(text, target)
-    spans = index_json(text) if loaded.fmt == "json" else None
-    remaining = lint_config(
-        LoadedConfig(data=data, fmt=loaded.fmt, path=target, text=text, json_spans=spans), ignore=ignore
-    )
+    text, changes, refused = fix_text(loaded, plan)
+    applied = [change.finding for change in changes]
+    if not changes:
+        return FixResult(findings, [], findings, None, loaded.text, shape, refused=refused)
+    from nanguard.lint.loading import parse_text
+
+    remaining = lint_config(parse_text(text, target, loaded.fmt), ignore=ignore)
     write_atomically(
         target, text, crlf=b"\r\n" in loaded.path.read_bytes(), mode=loaded.path.stat().st_mode & 0o777
     )
-    return FixResult(findings, plan, remaining, target, text, shape)
+    return FixResult(findings, applied, remaining, target, text, shape, changes, refused)
 
 
 def _check_target(source: Path, target: Path, overwrite: bool) -> None:
@@ -128,6 +135,9 @@ def _check_target(source: Path, target: Path, overwrite: bool) -> None:
         raise UsageError(
             f"{target}: refusing to write the fixed config over its input; choose another --output"
         )
+    problem = output_path_problem(target)
+    if problem is not None:
+        raise UsageError(problem)
     if target.exists() and not overwrite:
         raise UsageError(
             f"{target} already exists; pass --force to overwrite it or --output to write somewhere else"
@@ -136,12 +146,20 @@ def _check_target(source: Path, target: Path, overwrite: bool) -> None:
 
 def write_atomically(path: Path, text: str, *, crlf: bool = False, mode: int = 0o644) -> None:
     """Write ``text`` to ``path`` via a temporary file in the same folder, so no reader sees half a file."""
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot write in {path.parent}: {exc.strerror or exc}; choose another --output"
+        ) from exc
     try:
         os.chmod(temp_name, mode)
         with os.fdopen(handle, "w", encoding="utf-8", newline="\r\n" if crlf else "\n") as out:
             out.write(text)
         os.replace(temp_name, path)
+    except OSError as exc:
+        Path(temp_name).unlink(missing_ok=True)
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}; nothing was written") from exc
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise

@@ -1,8 +1,9 @@
 """``nanguard lint CONFIG [--fix] [--json]``: the command-line front of :mod:`nanguard.lint`.
 
-Exit status: 0 no findings, 1 findings (with ``--fix``: findings the fixed file still has, i.e. the
-ones that need a manual change), 2 unreadable or malformed input, missing file, unknown extension,
-or a ``_fixed`` file that already exists without ``--force``.
+Exit status: 0 no errors or warnings (questions and notes, severity ``info``, never fail), 1 errors or
+warnings (with ``--fix``: the ones the fixed file still has, i.e. that need a manual change), 2
+unreadable, malformed or oversized input, missing file, unknown extension, an output path that cannot
+be written, or a ``_fixed`` file that already exists without ``--force``.
 """
 
 from __future__ import annotations
@@ -13,17 +14,19 @@ import sys
 from nanguard.errors import UsageError
 
 EPILOG = """\
---fix writes NAME_fixed.EXT beside the input (never the input itself), keeping comments, key order
-and formatting. If that file exists it is left alone and the command fails, unless --force is given
-or --output names another path. A '# nanguard: ignore' or '# nanguard: ignore[rule,...]' comment on a
-YAML line silences findings there. See --list-rules for every rule and its thresholds.
+Formats: YAML, JSON, TOML (torchtitan) and Python configs (nanoGPT's config/*.py, read without
+running them). --fix writes NAME_fixed.EXT beside the input (never the input itself); only the changed
+values' characters differ, and it lists every value it changed. If that file exists it is left alone
+and the command fails, unless --force is given or --output names another path. A '# nanguard: ignore'
+or '# nanguard: ignore[rule,...]' comment on a line silences findings there. Findings of severity
+info are questions or notes: they never make the exit status 1. See --list-rules for every rule.
 """
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("config", nargs="?", metavar="CONFIG", help="training config (.yaml, .yml or .json)")
+    parser.add_argument("config", nargs="?", metavar="CONFIG", help="training config (.yaml, .yml, .json, .toml or .py)")
     parser.add_argument(
         "--fix", action="store_true", help="write NAME_fixed.EXT with every fixable finding applied"
     )
@@ -40,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from nanguard.lint.api import config_shape, fix_config, lint_config, load
-    from nanguard.lint.render import findings_json, findings_table, rules_table
+    from nanguard.lint.render import changes_text, findings_json, findings_table, problems, rules_table
 
     if args.list_rules:
         print(rules_table())
@@ -56,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
         findings = lint_config(loaded, ignore=ignore)
         shape = config_shape(loaded)
         print(findings_json(findings) if args.json else findings_table(findings, args.config, shape))
-        return 1 if findings else 0
+        return 1 if problems(findings) else 0
 
     result = fix_config(args.config, output=args.output, overwrite=args.force, ignore=ignore)
     print(
@@ -64,11 +67,5 @@ def main(args: argparse.Namespace) -> int:
         if args.json
         else findings_table(result.findings, args.config, result.shape)
     )
-    summary = sys.stderr if args.json else sys.stdout
-    if result.output_path is None:
-        print("nothing to fix automatically" if result.findings else "nothing to fix", file=summary)
-    else:
-        left = len(result.remaining)
-        tail = f"; {left} finding{'s' if left != 1 else ''} left need a manual change" if left else ""
-        print(f"wrote {result.output_path}: {len(result.applied)} fixes applied{tail}", file=summary)
-    return 1 if result.remaining else 0
+    print(changes_text(result), file=sys.stderr if args.json else sys.stdout)
+    return 1 if problems(result.remaining) else 0

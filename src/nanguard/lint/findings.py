@@ -38,16 +38,20 @@ RULES: dict[str, Rule] = {
             "(Hugging Face TrainingArguments, or keys such as model_name_or_path/pretrained/lora_r). "
             "The family is read from the nearest optimizer name (optim, optimizer.type, class_path, "
             "_target_), else sibling hints (betas -> Adam, momentum -> SGD); HF defaults to AdamW. "
-            "Fix: 10x lower, capped at the threshold that applies (so the fixed value passes).",
+            "A Noam/inverse-sqrt scheduler beside the rate makes it a multiplier (NeMo's lr: 2.0), not "
+            "checked. Fix: for an Adam-family fine-tune the usual rate (2e-5 full, 2e-4 LoRA/adapters); "
+            "otherwise 10x lower, capped at the threshold that applies; the message says the true factor.",
         ),
         Rule(
             "no_grad_clipping",
             "warning",
             "gradient clipping is off",
-            "A single bad batch can then push weights to inf. Flagged when a clipping key is 0, null, "
-            "false, negative or inf, or when none is set and the format's default is off (Lightning "
-            "gradient_clip_val=None, DeepSpeed gradient_clipping=0, free-form configs that set a learning "
-            "rate). Hugging Face max_grad_norm defaults to 1.0, so its absence is fine. Fix: 1.0.",
+            "A single bad batch can then push weights to inf. A warning when a clipping key (max_grad_norm, "
+            "grad_clip, gradient_clip_val, gradient_clipping, train.max_norm, ...) is 0, null, false, "
+            "negative or inf, or when none is set and the format's default is off (a Lightning trainer "
+            "section: gradient_clip_val=None; DeepSpeed: gradient_clipping=0). Hugging Face, nanoGPT and "
+            "torchtitan default to 1.0, so their absence is fine; in other files the clipping may be in "
+            "the training script, so its absence is a question (info). Fix: 1.0.",
         ),
         Rule(
             "fp16_without_loss_scaling",
@@ -94,29 +98,33 @@ RULES: dict[str, Rule] = {
         Rule(
             "inf_mask_value",
             "error",
-            "an infinite mask/fill value",
+            "an infinite mask/fill value, or one that overflows to infinity",
             "A row masked entirely with -inf gives softmax NaN (exp(-inf - -inf)), and -inf + x or "
             "0 * inf produce NaN downstream. Flagged for an infinite value under a key naming a mask or "
-            "fill value (mask_value, fill_value, neg_inf, masking, ...). Fix: -1e4 under fp16 (finite "
-            "and far below any logit), else -1e9; torch.finfo(dtype).min in code.",
+            "fill value (mask_value, fill_value, neg_inf, masking, ...), for a finite one beyond float32's "
+            "range (-1e39), and under fp16 for one beyond float16's 65504 (-1e9 becomes -inf). "
+            "Fix: -1e4 under fp16 (finite and far below any logit), else -1e9; torch.finfo(dtype).min in code.",
         ),
         Rule(
             "nan_inf_filter",
-            "warning",
-            "Hugging Face logging hides NaN/Inf losses",
-            "logging_nan_inf_filter=true replaces non-finite training losses in the logs with the average "
-            "of recent ones, so a run that is already NaN looks healthy. Flagged when true, and (as info) "
-            "when absent from a TrainingArguments config, since the default is true. Fix: false.",
+            "info",
+            "Hugging Face logging hides NaN/Inf losses (a note)",
+            "logging_nan_inf_filter=true logs the average of recent losses in place of a NaN one, so the "
+            "Trainer's logs can look healthy. A note (info) when set to true, never a problem and never "
+            "fixed: turned off, one NaN poisons every later logged loss, so nanguard keeps it on and "
+            "records the true per-step loss itself (docs/integrations.md).",
         ),
         Rule(
             "no_warmup",
             "warning",
             "no learning-rate warmup",
             "Adam's second-moment estimate is noisy for the first steps and early updates are large; "
-            "warmup avoids early divergence. Flagged when the warmup is 0 or absent and the peak "
-            "learning rate is at least 1e-4 (Adam family, unknown), 3e-5 (Lion) or 0.1 (SGD). "
-            "Schedulers with a built-in ramp (OneCycle, DeepSpeed Warmup*) count as warmup. Fix: 3% "
-            "of training (warmup_ratio 0.03, or 3% of max_steps/max_iters when known).",
+            "warmup avoids early divergence. For a peak learning rate of at least 1e-4 (Adam family, "
+            "unknown), 3e-5 (Lion) or 0.1 (SGD): a warning when a warmup key is 0, or when a Hugging Face "
+            "config sets none (its default is 0); a question (info) when the file sets none and the "
+            "warmup may be in the training script or another file. nanoGPT and torchtitan warm up by "
+            "default. Schedulers with a built-in ramp (OneCycle, Noam, DeepSpeed Warmup*) count as "
+            "warmup. Fix: 3% of training (warmup_ratio 0.03, or 3% of max_steps/max_iters when known).",
         ),
     )
 }

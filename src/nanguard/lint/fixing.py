@@ -1,24 +1,40 @@
 """Applying fixable findings while keeping the user's file as they wrote it.
 
-YAML goes through ruamel.yaml's round-trip document, so comments, key order, quoting and flow style
-survive; a comment block that followed the key a new key is inserted after stays below the new key.
-JSON is edited as text at the spans of the changed values, so everything else, number spelling and
-inline arrays included, is byte-identical. Plain mappings (the Python API) are deep-copied and edited.
+Every format is fixed by text edits: a changed value's characters are replaced, a new key is one
+inserted line (or member), and every other byte stays as it was, comments and spellings included.
+Each fix is applied on its own and the result parsed again; it is kept only when the re-parsed
+config equals the original with exactly that one change (so a fix can never corrupt the file or
+touch another setting). A fix that fails that check is reported as needing a manual change.
+Plain mappings (the Python API) are deep-copied and edited.
 """
 
 from __future__ import annotations
 
 import copy
-import io
 import json
 import math
-import re
 from collections.abc import Mapping, MutableMapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
+from nanguard.errors import NanguardError
 from nanguard.lint.findings import Finding, KeyPath
-from nanguard.lint.jsonspans import JsonSpans, ObjectSpan, index_json
+from nanguard.lint.jsonfix import fix_json_text
+from nanguard.lint.loading import LoadedConfig, parse_text, plain
+from nanguard.lint.pyconfig import PyExpr, python_literal
+from nanguard.lint.textedit import Edit, apply_edits, comment_edit, format_number, number_text
+from nanguard.lint.yamlspans import yaml_scalar
+
+
+@dataclass(frozen=True)
+class Change:
+    """One edit written to the fixed file: where, what it was, what it became, and why."""
+
+    finding: Finding
+    old: str | None  # the old value as written; None for an inserted key
+    new: str  # the new value as written
+    line: int | None  # line in the fixed file
 
 
 def planned(findings: list[Finding]) -> list[Finding]:
@@ -48,35 +64,6 @@ def chain_insertions(plan: list[Finding]) -> list[Finding]:
     return chained
 
 
-# --- numbers ----------------------------------------------------------------------------------------
-
-
-def format_number(value: float | int, *, scientific: bool | None, yaml_1_1_safe: bool = False) -> str:
-    """Spell ``value`` for a config file: in the style of the value it replaces when known.
-
-    ``yaml_1_1_safe`` writes exponents as ``1.0e-6``, the one spelling PyYAML (YAML 1.1, which many
-    training scripts read configs with) and YAML 1.2 readers both take as a float.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"not a number: {value!r}")
-    if isinstance(value, int):
-        return str(value)
-    if not math.isfinite(value):
-        raise ValueError(f"refusing to write a non-finite number: {value!r}")
-    if scientific is None:
-        scientific = value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e4)
-    if not scientific:
-        return repr(float(value))
-    mantissa, exponent = f"{value:.6e}".split("e")
-    mantissa = mantissa.rstrip("0").rstrip(".")
-    power = int(exponent)
-    if yaml_1_1_safe:
-        if "." not in mantissa:
-            mantissa += ".0"
-        return f"{mantissa}e{'-' if power < 0 else '+'}{abs(power)}"
-    return f"{mantissa}e{power}"
-
-
 # --- plain mappings ---------------------------------------------------------------------------------
 
 
@@ -84,7 +71,7 @@ def fix_mapping(data: Mapping[Any, Any], findings: list[Finding]) -> dict[Any, A
     """A deep copy of ``data`` with every planned fix applied."""
     fixed = copy.deepcopy(dict(data))
     for finding in chain_insertions(planned(findings)):
-        container = _container(fixed, finding.key_path[:-1], dict)
+        container = _container(fixed, finding.key_path[:-1])
         key = finding.key_path[-1]
         if _has(container, key):
             container[key] = _like(finding.fix, container[key])
@@ -99,13 +86,13 @@ def _has(container: Any, key: Any) -> bool:
     return key in container
 
 
-def _container(root: Any, path: KeyPath, new_mapping: type) -> Any:
+def _container(root: Any, path: KeyPath) -> Any:
     """The mapping at ``path``, creating missing (or null) mappings on the way."""
     node = root
     for part in path:
         child = node[part] if _has(node, part) else None
         if child is None and isinstance(node, MutableMapping):
-            child = new_mapping()
+            child = {}
             node[part] = child
         node = child
     return node
@@ -113,16 +100,11 @@ def _container(root: Any, path: KeyPath, new_mapping: type) -> Any:
 
 def _insert_plain(mapping: MutableMapping[Any, Any], key: Any, value: Any, after: str | None) -> None:
     items = list(mapping.items())
-    position = _position(list(mapping), after)
+    keys = list(mapping)
+    position = keys.index(after) + 1 if after is not None and after in keys else len(keys)
     items.insert(position, (key, copy.deepcopy(value)))
     mapping.clear()
     mapping.update(items)
-
-
-def _position(keys: list[Any], after: str | None) -> int:
-    if after is not None and after in keys:
-        return keys.index(after) + 1
-    return len(keys)
 
 
 def _string_style(old: str) -> bool | None:
@@ -136,190 +118,187 @@ def _string_style(old: str) -> bool | None:
 
 def _like(new: Any, old: Any) -> Any:
     """``new`` in the type of ``old``: a numeric string stays a string, an int stays an int."""
-    if isinstance(new, (int, float)) and not isinstance(new, bool):
-        if isinstance(old, str):
+    if isinstance(new, int | float) and not isinstance(new, bool):
+        if isinstance(old, str) and not isinstance(old, PyExpr):  # an expression is replaced by a number
             return format_number(new, scientific=_string_style(old))
         if isinstance(old, int) and not isinstance(old, bool) and float(new).is_integer():
             return int(new)
     return new
 
 
-# --- YAML -------------------------------------------------------------------------------------------
+# --- text formats -----------------------------------------------------------------------------------
 
 
-def fix_yaml_text(text: str, findings: list[Finding]) -> str:
-    """The YAML ``text`` with every planned fix applied, comments and layout kept."""
-    from ruamel.yaml.util import load_yaml_guess_indent
-
-    from nanguard.lint.loading import yaml_round_trip
-
-    yaml = yaml_round_trip()
-    _, mapping_indent, dash_offset = load_yaml_guess_indent(text)
-    yaml.indent(mapping=mapping_indent, sequence=mapping_indent, offset=dash_offset)
-    yaml.explicit_start = _has_document_start(text)
-    document = yaml.load(text)
-    for finding in chain_insertions(planned(findings)):
-        _apply_yaml(yaml, document, finding)
-    out = io.StringIO()
-    yaml.dump(document, out)
-    return out.getvalue()
-
-
-def _has_document_start(text: str) -> bool:
-    for line in text.splitlines():
-        stripped = line.strip()
-        if stripped and not stripped.startswith("#"):
-            return stripped == "---" or stripped.startswith("--- ") or stripped.startswith("%")
-    return False
-
-
-def _apply_yaml(yaml: Any, document: Any, finding: Finding) -> None:
-    from ruamel.yaml.comments import CommentedMap
-
-    container = _container(document, finding.key_path[:-1], CommentedMap)
-    key = finding.key_path[-1]
-    if _has(container, key):
-        container[key] = _yaml_value(yaml, finding.fix, container[key])
-        return
-    value = _yaml_value(yaml, finding.fix, None)
-    position = _position(list(container), finding.insert_after)
-    container.insert(position, key, value)
-    if position > 0:
-        _move_trailing_comment(container, list(container)[position - 1], key)
-
-
-def _yaml_value(yaml: Any, new: Any, old: Any) -> Any:
-    from ruamel.yaml.comments import CommentedMap
-    from ruamel.yaml.scalarstring import ScalarString
-
-    if isinstance(new, Mapping):
-        return CommentedMap((k, _yaml_value(yaml, v, None)) for k, v in new.items())
-    if isinstance(new, bool) or not isinstance(new, (int, float)):
-        if isinstance(new, str) and isinstance(old, ScalarString):
-            return type(old)(new)
-        return new
-    if isinstance(old, str):
-        text = format_number(new, scientific=_string_style(old))
-        return type(old)(text) if isinstance(old, ScalarString) else text
-    if isinstance(old, int) and not isinstance(old, bool) and float(new).is_integer():
-        return int(new)
-    # Parsing the spelling gives a ruamel scalar that dumps exactly as spelled.
-    return yaml.load(format_number(new, scientific=None, yaml_1_1_safe=True))
-
-
-def _move_trailing_comment(mapping: Any, previous: Any, new_key: Any) -> None:
-    """Keep the comment lines that followed ``previous`` (a next section's heading) below ``new_key``.
-
-    ruamel attaches the lines after a key to that key; inserting right after it would otherwise put
-    the new key under the heading of the section that follows. The end-of-line comment stays put.
-    """
-    entry = mapping.ca.items.get(previous)
-    if not entry or len(entry) < 3 or entry[2] is None:
-        return
-    token = entry[2]
-    head, newline, rest = token.value.partition("\n")
-    if not newline or not rest:
-        return
-    moved = copy.copy(token)
-    token.value = head + "\n"
-    moved.value = "\n" + rest
-    mapping.ca.items[new_key] = [None, None, moved, None]
-
-
-# --- JSON -------------------------------------------------------------------------------------------
-
-
-def fix_json_text(text: str, findings: list[Finding]) -> str:
-    """The JSON ``text`` with every planned fix applied as minimal text edits."""
-    spans = index_json(text)
-    unit = _indent_unit(text, spans)
-    edits: list[tuple[int, int, str]] = []
-    pending: dict[tuple[KeyPath, str], tuple[ObjectSpan, Any, str | None]] = {}
-    for finding in planned(findings):
-        if finding.key_path in spans.values:
-            start, end = spans.values[finding.key_path]
-            edits.append((start, end, _json_value_text(finding.fix, text[start:end], unit, "")))
+def fix_text(loaded: LoadedConfig, plan: list[Finding]) -> tuple[str, list[Change], list[Finding]]:
+    """Apply ``plan`` to the text of ``loaded`` one fix at a time; (text, changes, refused findings)."""
+    assert loaded.text is not None and loaded.path is not None
+    text, current = loaded.text, loaded
+    changes: list[Change] = []
+    refused: list[Finding] = []
+    for finding in chain_insertions(plan):
+        try:
+            result = _apply_one(current, finding)
+        except (NanguardError, ValueError, TypeError, KeyError, IndexError):
+            result = None
+        if result is None:
+            refused.append(finding)
             continue
-        ancestor, obj = _deepest_object(spans, finding.key_path[:-1])
-        missing = finding.key_path[len(ancestor) :]
-        nested: Any = finding.fix
-        for part in reversed(missing[1:]):
-            nested = {part: nested}
-        slot = (ancestor, str(missing[0]))
-        if slot in pending:
-            _merge(pending[slot][1], nested)
-        else:
-            pending[slot] = (obj, nested, finding.insert_after if len(missing) == 1 else None)
-    for (_, key), (obj, value, after) in pending.items():
-        edits.append(_json_insertion(text, obj, key, value, after, unit))
-    # Back to front, so earlier offsets stay valid; at one position the later-planned edit goes first,
-    # which leaves the edits in plan order in the text.
-    order = sorted(range(len(edits)), key=lambda i: (edits[i][0], edits[i][1], i), reverse=True)
-    for index in order:
-        start, end, replacement = edits[index]
-        text = text[:start] + replacement + text[end:]
-    return text
+        text, current, change = result
+        changes.append(change)
+    return text, changes, refused
 
 
-def _merge(target: Any, extra: Any) -> None:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(target.get(key), dict):
-            _merge(target[key], value)
-        else:
-            target.setdefault(key, value)
-
-
-def _deepest_object(spans: JsonSpans, path: KeyPath) -> tuple[KeyPath, ObjectSpan]:
-    for depth in range(len(path), -1, -1):
-        if path[:depth] in spans.objects:
-            return path[:depth], spans.objects[path[:depth]]
-    raise ValueError("a JSON config without a top-level object cannot be fixed")
-
-
-def _indent_unit(text: str, spans: JsonSpans) -> str | None:
-    """The file's indentation step ('  ', '    ', a tab), or None for a single-line document."""
-    root = spans.objects.get(())
-    if root is None or not root.members:
-        return "  "
-    return _line_indent(text, root.members[0].key_start)
-
-
-def _line_indent(text: str, position: int) -> str | None:
-    line_start = text.rfind("\n", 0, position) + 1
-    prefix = text[line_start:position]
-    if line_start == 0 or prefix.strip():
+def _apply_one(loaded: LoadedConfig, finding: Finding) -> tuple[str, LoadedConfig, Change] | None:
+    """The text with one fix, its parse and the change; None when the fix cannot be made safely."""
+    assert loaded.text is not None and loaded.path is not None
+    text = loaded.text
+    if loaded.fmt == "json":
+        new_text = fix_json_text(text, [finding])
+        old = _json_old_text(loaded, finding)
+        new_value = _json_new_text(new_text, finding)
+    else:
+        edits, old, new_value = _edits(loaded, finding)
+        if not edits:
+            return None
+        new_text = apply_edits(text, edits)
+    reparsed = parse_text(new_text, loaded.path, loaded.fmt)
+    expected = fix_mapping(plain(loaded.data), [finding])
+    if not same(plain(reparsed.data), expected):
         return None
-    return prefix
+    change = Change(finding, old, new_value, reparsed.line_of(finding.key_path))
+    return new_text, reparsed, change
 
 
-def _json_insertion(
-    text: str, obj: ObjectSpan, key: str, value: Any, after: str | None, unit: str | None
-) -> tuple[int, int, str]:
-    names = [member.key for member in obj.members]
-    if not obj.members:
-        return obj.start + 1, obj.start + 1, f"{json.dumps(key)}: {_json_value_text(value, None, None, '')}"
-    anchor = obj.members[names.index(after)] if after in names else obj.members[-1]
-    separator = text[anchor.key_end : anchor.value_start]
-    indent = _line_indent(text, anchor.key_start)
-    member_unit = unit if indent is not None else None
-    value_text = _json_value_text(value, None, member_unit, indent or "")
-    lead = f",\n{indent}" if indent is not None else ", "
-    return anchor.value_end, anchor.value_end, f"{lead}{json.dumps(key)}{separator}{value_text}"
+def _edits(loaded: LoadedConfig, finding: Finding) -> tuple[list[Edit], str | None, str]:
+    text = loaded.text
+    assert text is not None
+    span = _value_span(loaded, finding.key_path) if finding.exists else None
+    if finding.exists:
+        if span is None:
+            return [], None, ""
+        old = text[span[0] : span[1]]
+        current = _current_value(loaded, finding.key_path)
+        new = _scalar(loaded.fmt, _like(finding.fix, current), old or None)
+        if new is None:
+            return [], None, ""
+        edits = [Edit(span[0], span[1], new if old else f" {new}")]  # ``key:`` with nothing after it
+        note = comment_edit(text, span[1], old or "null")
+        return ([*edits, note] if note else edits), (old or "null"), new
+    new = _scalar(loaded.fmt, finding.fix, None)
+    if new is None:
+        return [], None, ""
+    insertion = _insertion(loaded, finding, new)
+    return ([insertion] if insertion else []), None, new
 
 
-_JSON_NUMBER = re.compile(r'^"?-?\d+(\.\d+)?([eE][-+]?\d+)?"?$')
+def _current_value(loaded: LoadedConfig, key_path: KeyPath) -> Any:
+    node: Any = loaded.data
+    for part in key_path:
+        node = node[part]
+    return plain(node) if not isinstance(node, Mapping | list) else None
 
 
-def _json_value_text(value: Any, old: str | None, unit: str | None, indent: str) -> str:
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, (int, float)):
-        style = None if old is None or not _JSON_NUMBER.match(old) else "e" in old.lower()
-        if old is not None and old.startswith('"'):
-            return json.dumps(format_number(value, scientific=style))
-        if style is False and float(value).is_integer() and "." not in old:  # type: ignore[operator]
-            return str(int(value))
-        return format_number(value, scientific=style)
-    if unit is None:
-        return json.dumps(value, separators=(", ", ": "))
-    return json.dumps(value, indent=unit).replace("\n", "\n" + indent)
+def _value_span(loaded: LoadedConfig, key_path: KeyPath) -> tuple[int, int] | None:
+    assert loaded.text is not None
+    if loaded.fmt == "yaml":
+        return loaded.yaml_text.value_span(key_path)
+    if loaded.fmt == "toml" and loaded.toml_spans is not None:
+        return loaded.toml_spans.values.get(tuple(str(p) for p in key_path))
+    if loaded.fmt == "python" and loaded.py_spans is not None and len(key_path) == 1:
+        return loaded.py_spans.values.get(str(key_path[0]))
+    return None
+
+
+def _scalar(fmt: str, value: Any, old: str | None) -> str | None:
+    if isinstance(value, Mapping | list):
+        return None
+    if fmt == "yaml":
+        return yaml_scalar(value, old)
+    if fmt == "python":
+        return python_literal(value, old)
+    if fmt == "toml":
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, int | float):
+            return number_text(value, old)
+        if isinstance(value, str):
+            return json.dumps(value) if (old or '"').strip()[:1] != "'" else f"'{value}'"
+    return None
+
+
+def _insertion(loaded: LoadedConfig, finding: Finding, value: str) -> Edit | None:
+    assert loaded.text is not None
+    container, key = finding.key_path[:-1], str(finding.key_path[-1])
+    after = finding.insert_after
+    if loaded.fmt == "yaml":
+        return loaded.yaml_text.insertion(container, key, value, after)
+    if loaded.fmt == "toml" and loaded.toml_spans is not None:
+        spans = loaded.toml_spans
+        table = tuple(str(p) for p in container)
+        anchor = (*table, after) if after is not None else None
+        at = spans.line_ends.get(anchor) if anchor is not None else None
+        at = at if at is not None else spans.table_ends.get(table)
+        if at is None:
+            return None
+        indent = spans.indents.get(anchor, "") if anchor is not None else ""
+        lead = "" if at == 0 or loaded.text[at - 1] == "\n" else "\n"
+        return Edit(at, at, f"{lead}{indent}{key} = {value}\n")
+    if loaded.fmt == "python" and loaded.py_spans is not None and not container:
+        ends = loaded.py_spans.statement_ends
+        at = ends.get(after, len(loaded.text)) if after is not None else len(loaded.text)
+        lead = "" if at == 0 or loaded.text[at - 1] == "\n" else "\n"
+        return Edit(at, at, f"{lead}{key} = {value}\n")
+    return None
+
+
+def _json_old_text(loaded: LoadedConfig, finding: Finding) -> str | None:
+    spans = loaded.json_spans
+    if spans is None or not finding.exists or finding.key_path not in spans.values:
+        return None
+    start, end = spans.values[finding.key_path]
+    assert loaded.text is not None
+    return loaded.text[start:end]
+
+
+def _json_new_text(new_text: str, finding: Finding) -> str:
+    from nanguard.lint.jsonspans import index_json
+
+    spans = index_json(new_text)
+    start, end = spans.values.get(finding.key_path, (0, 0))
+    return new_text[start:end]
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal as configs: the same keys in the same order, numbers equal (NaN equals NaN), same types."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+            return True
+        return type(a) is type(b) and (a == b or math.isclose(a, b, rel_tol=1e-12))
+    if isinstance(a, str) and isinstance(b, str):
+        return a == b or _same_number_text(a, b)
+    return bool(a == b)
+
+
+def _same_number_text(a: str, b: str) -> bool:
+    try:
+        return math.isclose(float(a), float(b), rel_tol=1e-12)
+    except ValueError:
+        return False
+
+
+def output_path_problem(target: Path) -> str | None:
+    """Why ``target`` cannot take the fixed config, or None."""
+    if target.is_dir():
+        return f"{target} is a directory; give a file name for --output (e.g. {target / 'train_fixed.yaml'})"
+    parent = target.parent
+    if not parent.exists():
+        return f"the folder {parent} does not exist; create it or choose another --output"
+    if not parent.is_dir():
+        return f"{parent} is not a folder; choose another --output"
+    return None

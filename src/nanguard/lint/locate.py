@@ -14,7 +14,7 @@ from typing import Any
 
 from nanguard.lint import vocabulary as vocab
 from nanguard.lint.findings import KeyPath
-from nanguard.lint.tree import as_bool, as_number, as_text, get_path, is_deferred, key_name, walk
+from nanguard.lint.tree import as_bool, as_number, as_text, get_path, is_deferred, key_name, parent_name, walk
 
 
 @dataclass(frozen=True)
@@ -25,27 +25,46 @@ class Sections:
     lightning: bool = False
     deepspeed: KeyPath | None = None
     accelerate: bool = False
+    jsonargparse: bool = False  # class_path/init_args without a Lightning trainer (litgpt)
+    hydra: bool = False  # _target_ or a defaults list: keys become constructor arguments
+    nanogpt: bool = False  # a nanoGPT config/*.py (train.py supplies every default)
+    torchtitan: bool = False  # a torchtitan train config (TOML)
 
     @property
     def shape(self) -> str:
         """The name of the format the file as a whole is written in."""
-        if self.deepspeed == ():
-            return "deepspeed"
-        if self.lightning:
-            return "lightning"
-        if self.huggingface is not None:
-            return "huggingface"
-        if self.accelerate:
-            return "accelerate"
+        for name, present in (
+            ("nanogpt", self.nanogpt),
+            ("torchtitan", self.torchtitan),
+            ("deepspeed", self.deepspeed == ()),
+            ("lightning", self.lightning),
+            ("huggingface", self.huggingface is not None),
+            ("accelerate", self.accelerate),
+            ("jsonargparse", self.jsonargparse),
+            ("hydra", self.hydra),
+        ):
+            if present:
+                return name
         return "freeform"
 
+    @property
+    def defaults_elsewhere(self) -> bool:
+        """True when settings this file leaves out have defaults in code nanguard cannot see."""
+        return self.shape in ("freeform", "jsonargparse", "hydra", "accelerate")
 
-def find_sections(data: Mapping[Any, Any]) -> Sections:
+
+def find_sections(data: Mapping[Any, Any], fmt: str = "mapping") -> Sections:
+    lightning = _is_lightning(data)
+    keys = _lower_keys(data)
     return Sections(
         huggingface=_huggingface_section(data),
-        lightning=_is_lightning(data),
+        lightning=lightning,
         deepspeed=_deepspeed_section(data),
-        accelerate=len(_lower_keys(data) & vocab.ACCELERATE_MARKER_KEYS) >= 1,
+        accelerate=len(keys & vocab.ACCELERATE_MARKER_KEYS) >= 1,
+        jsonargparse=not lightning and any(key_name(p) == "class_path" for p, _, _ in walk(data)),
+        hydra="defaults" in keys or any(key_name(p) == "_target_" for p, _, _ in walk(data)),
+        nanogpt=fmt == "python",
+        torchtitan=fmt == "toml" and bool(keys & {"optimizer", "training", "lr_scheduler", "job"}),
     )
 
 
@@ -63,11 +82,13 @@ def _huggingface_section(data: Mapping[Any, Any]) -> KeyPath | None:
 
 
 def _is_lightning(data: Mapping[Any, Any]) -> bool:
-    if isinstance(data.get("trainer"), Mapping):
+    """A Lightning Trainer section, or a LightningCLI model/data class (an optimizer class alone is any
+    jsonargparse CLI's, litgpt's for one, whose schema has no trainer section)."""
+    trainer = data.get("trainer")
+    if isinstance(trainer, Mapping) and "_target_" not in trainer:
         return True
     return any(
-        isinstance(data.get(section), Mapping) and "class_path" in data[section]
-        for section in ("model", "data", "optimizer", "lr_scheduler")
+        isinstance(data.get(section), Mapping) and "class_path" in data[section] for section in ("model", "data")
     )
 
 
@@ -154,8 +175,8 @@ def optimizer_family(data: Mapping[Any, Any], key_path: KeyPath, sections: Secti
         return "adam"
     if siblings & vocab.SGD_HINT_KEYS:
         return "sgd"
-    if sections.huggingface is not None:
-        return "adam"
+    if sections.huggingface is not None or sections.nanogpt:
+        return "adam"  # TrainingArguments' and nanoGPT's train.py's default is AdamW
     return "unknown"
 
 
@@ -197,7 +218,8 @@ def total_steps(data: Mapping[Any, Any]) -> tuple[str, int] | None:
     for path, value, _ in walk(data):
         name = key_name(path)
         number = as_number(value)
-        if name in vocab.TOTAL_STEP_KEYS and number is not None and number >= 1 and number.is_integer():
+        known = name in vocab.TOTAL_STEP_KEYS or (name == "steps" and parent_name(path) in ("training", "train"))
+        if known and number is not None and number >= 1 and number.is_integer():
             return name, int(number)
     return None
 
@@ -210,6 +232,19 @@ def total_epochs(data: Mapping[Any, Any]) -> float | None:
     return None
 
 
+def uses_adapters(data: Mapping[Any, Any]) -> bool:
+    """LoRA/QLoRA/PEFT adapters (axolotl ``adapter: lora``, LLaMA-Factory ``finetuning_type: lora``,
+    ``lora_r``/``peft_config`` keys)."""
+    for path, value, _ in walk(data):
+        name = key_name(path)
+        if name in vocab.ADAPTER_KEYS and value not in (None, False, 0, ""):
+            return True
+        text = as_text(value)
+        if name in ("adapter", "finetuning_type", "peft_type", "method") and text in vocab.ADAPTER_VALUES:
+            return True
+    return False
+
+
 def looks_like_fine_tuning(data: Mapping[Any, Any], sections: Sections) -> bool:
     """HF TrainingArguments, or a key saying the run starts from pretrained weights or trains adapters."""
     if sections.huggingface is not None:
@@ -219,6 +254,8 @@ def looks_like_fine_tuning(data: Mapping[Any, Any], sections: Sections) -> bool:
             continue
         if isinstance(value, Mapping) or as_bool(value) is True:
             return True
+        if isinstance(value, bool) or as_bool(value) is False:
+            continue
         text = as_text(value)
         if text is not None and text not in vocab.NOT_FINE_TUNING_VALUES and as_bool(value) is not False:
             return True
@@ -276,6 +313,8 @@ def read_precision(data: Mapping[Any, Any]) -> Precision:
         ):
             facts.pure_fp16.append(Setting(path, value))
             facts.fp16.append(Setting(path, value))
+        elif name in vocab.AMP_DTYPE_KEYS and as_text(value) in vocab.FP16_DTYPE_VALUES:
+            facts.fp16.append(Setting(path, value))  # float16 autocast: fp32 weights, mixed precision
     if facts.fp16:
         facts.scaling = _read_scaling(data)
     return facts
@@ -331,13 +370,12 @@ def _read_apex_level(facts: Precision, path: KeyPath, value: Any, parent: Mappin
 
 
 def _is_weight_dtype(name: str, path: KeyPath) -> bool:
-    """``torch_dtype``-like keys anywhere; a bare ``dtype`` only at the top or under a model section
-    (elsewhere it is as likely a data or autocast dtype)."""
+    """``torch_dtype``-like keys anywhere; a bare ``dtype`` only under a model section. A top-level
+    ``dtype`` is the autocast dtype in nanoGPT-style scripts (fp32 weights, a GradScaler for float16),
+    so it says nothing about the weights."""
     if name in vocab.WEIGHT_DTYPE_KEYS:
         return True
-    return name == "dtype" and (
-        len(path) == 1 or any(isinstance(p, str) and "model" in p.lower() for p in path[:-1])
-    )
+    return name == "dtype" and any(isinstance(p, str) and "model" in p.lower() for p in path[:-1])
 
 
 def _read_scaling(data: Mapping[Any, Any]) -> list[ScalingProblem]:

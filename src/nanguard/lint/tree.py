@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from nanguard.lint.findings import KeyPath
@@ -23,18 +24,41 @@ _INF_TEXT = re.compile(
 )
 
 
+_WALKS: dict[int, tuple[Any, list[tuple[KeyPath, Any, Any]]]] = {}
+
+
 def walk(data: Any, path: KeyPath = ()) -> Iterator[tuple[KeyPath, Any, Any]]:
     """Every ``(key path, value, parent container)`` below ``data``, depth first in document order."""
+    if not path:
+        cached = _WALKS.get(id(data))
+        if cached is not None and cached[0] is data:
+            return iter(cached[1])
+    return _walk(data, path)
+
+
+@contextmanager
+def walks_cached(data: Any) -> Iterator[None]:
+    """Within the block, walks of ``data`` (which must not change meanwhile) replay one stored walk:
+    every rule walks the whole tree, and a config near the size limit has thousands of values."""
+    key = id(data)
+    _WALKS[key] = (data, list(_walk(data, ())))
+    try:
+        yield
+    finally:
+        _WALKS.pop(key, None)
+
+
+def _walk(data: Any, path: KeyPath) -> Iterator[tuple[KeyPath, Any, Any]]:
     if isinstance(data, Mapping):
         for key, value in data.items():
             child = (*path, key)
             yield child, value, data
-            yield from walk(value, child)
+            yield from _walk(value, child)
     elif isinstance(data, list):
         for index, value in enumerate(data):
             child = (*path, index)
             yield child, value, data
-            yield from walk(value, child)
+            yield from _walk(value, child)
 
 
 def get_path(data: Any, key_path: KeyPath, default: Any = None) -> Any:

@@ -33,8 +33,12 @@ CLIP_KEYS = frozenset(
         "gradient_clipping",
         "gradient_clip_norm",
         "max_gradient_norm",
+        "clip_gradient",
     }
 )
+# ``max_norm`` is clipping under a training section (litgpt ``train.max_norm``, torchtitan
+# ``[training] max_norm``); elsewhere it may be an embedding's renormalisation bound.
+CLIP_MAX_NORM_PARENTS = frozenset({"", "train", "training", "trainer", "optim", "optimizer", "optimization"})
 # A key that names a warmup length, and how to read its number.
 WARMUP_RATIO_KEYS = frozenset(
     {"warmup_ratio", "warmup_fraction", "warmup_proportion", "warmup_pct", "pct_start"}
@@ -65,6 +69,7 @@ TOTAL_STEP_KEYS = (
     "total_num_steps",
     "max_updates",
     "num_steps",
+    "train_iters",
 )
 EPOCH_KEYS = ("max_epochs", "num_train_epochs", "num_epochs", "epochs")
 ADAM_EPS_KEYS = frozenset({"adam_epsilon", "adam_eps"})
@@ -96,9 +101,18 @@ FINE_TUNING_KEYS = frozenset(
         "peft",
         "peft_config",
         "load_pretrained",
+        "finetuning_type",
+        "adapter",
+        "base_model_config",
     }
 )
-NOT_FINE_TUNING_VALUES = frozenset({"scratch", "none", "null", "", "random", "false", "no"})
+NOT_FINE_TUNING_VALUES = frozenset({"scratch", "none", "null", "", "random", "false", "no", "resume"})
+ADAPTER_KEYS = frozenset({"lora_r", "lora_rank", "lora_alpha", "peft_config", "lora_config", "use_peft", "use_lora"})
+ADAPTER_VALUES = frozenset({"lora", "qlora", "dora", "ia3", "adalora", "loha", "lokr", "adapter", "prefix"})
+# Schedulers whose own formula ramps the learning rate up (so no separate warmup is needed), and
+# Noam-style ones whose "lr" is a multiplier of d_model**-0.5, not a learning rate.
+RAMPING_SCHEDULER_WORDS = ("onecycle", "warmup", "noam", "inverse_sqrt", "inversesquareroot", "cosineannealingwarmup")
+NOAM_WORDS = ("noam",)
 
 # Hugging Face TrainingArguments fields that rarely appear elsewhere; two of them make a HF section.
 # (Not max_grad_norm or warmup_ratio: the fixer inserts those into free-form files.)

@@ -34,13 +34,19 @@ def _ratio(text: str) -> float:
 
 
 _EPILOG = """\
-checks: nonfinite (NaN/Inf), label_out_of_range (labels outside [0, N), ignore index allowed),
+checks: nonfinite (NaN/Inf, also "NaN"/"Infinity" written as text and CSV cells pandas reads as
+  NaN), label_out_of_range (labels outside [0, N) or negative, ignore index allowed),
   token_out_of_range (ids outside [0, V)), extreme_scale (finite |x| > 65504, overflows fp16),
   scale_mismatch (typical |x| far from sibling files'), constant (zero-variance column),
   empty (zero-length/empty/missing rows), unreadable (corrupt or truncated file or line).
-Labels are fields or files named like label, labels, target, targets, y, class (or --label-field);
-token ids like input_ids, ids, token, tokens. Labels are checked against --vocab-size when
---num-classes is not given (language-model targets).
+Roles are decided by the values; names only suggest them. Fields named like label, target, y, class
+(or --label-field) are class labels when they hold whole numbers, and a measurement (compared for
+scale across files) when they hold other floats. Token ids: fields named like input_ids, tokens,
+raw .bin files (nanoGPT), and any integer data when --vocab-size is given and nearly all of it lies in
+[0, V). Integers in the Unix-time range are timestamps. Every assumption, and every check that could
+not run (no --num-classes, no --vocab-size), is listed under "assumed and not checked".
+Formats: .npy .npz .pt/.pth (weights_only) .csv .parquet .jsonl .json .bin; other files in a folder
+are listed as skipped.
 Rows are 0-based: axis 0 of arrays, data rows of CSV (after the header), lines of JSON lines.
 Exit status: 0 clean, 1 findings, 2 bad usage.
 """
@@ -75,6 +81,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=100.0,
         metavar="R",
         help="flag a file whose typical |x| is R times off its siblings' median (default: 100)",
+    )
+    parser.add_argument(
+        "--sibling-ratio",
+        type=_ratio,
+        default=5.0,
+        metavar="R",
+        help="tighter bound for sibling files with the same fields (one collection): flag a field whose "
+        "typical |x| is R times off theirs, widened by their own spread (default: 5)",
+    )
+    parser.add_argument(
+        "--bin-dtype",
+        choices=("uint16", "uint32", "int32", "int64"),
+        default="uint16",
+        help="element type of raw .bin token files (nanoGPT's prepare.py writes uint16; default: uint16)",
     )
     parser.add_argument("--json", action="store_true", help="print the findings as one JSON object")
     _one_line_errors(parser)
@@ -112,6 +132,8 @@ def main(args: argparse.Namespace) -> int:
         label_field=args.label_field,
         ignore_index=args.ignore_index,
         scale_ratio=args.scale_ratio,
+        sibling_ratio=args.sibling_ratio,
+        bin_dtype=args.bin_dtype,
     )
     if args.json:
         sys.stdout.write(json.dumps(result.to_dict()) + "\n")

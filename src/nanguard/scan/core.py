@@ -38,6 +38,8 @@ class ScanOptions:
     label_fields: frozenset[str] = frozenset()
     ignore_index: int | None = -100
     scale_ratio: float = 100.0
+    sibling_ratio: float = 5.0
+    bin_dtype: str = "uint16"
     max_examples: int = MAX_EXAMPLES
 
 
@@ -165,17 +167,9 @@ def typical_magnitude(sample: np.ndarray) -> float | None:
     return float(np.median(magnitudes)) if magnitudes.size else None
 
 
-def _fmt(value: float) -> str:
-    return f"{value:.4g}"
-
-
-def plural(count: int, noun: str) -> str:
-    """``1 row``, ``3 rows``."""
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
-
-
 class FieldScanner:
-    """Runs every value check on one field, chunk by chunk, and turns the tallies into findings."""
+    """Runs every value check on one field, chunk by chunk; :mod:`nanguard.scan.interpret` turns the
+    tallies into findings and notes once the field has been read."""
 
     def __init__(self, file: str, field_name: str | None, role: Role, options: ScanOptions) -> None:
         self.file = file
@@ -185,12 +179,20 @@ class FieldScanner:
         self.rows = 0
         self.nonfinite = Tally()
         self.nan = self.posinf = self.neginf = 0
+        self.spelled = 0  # non-finite values written as text ("NaN", "Infinity") in numeric rows
+        self.text_nonfinite = Tally()  # rows whose whole value is such a text
+        self.missing_cells = Tally()  # CSV cells pandas will read as NaN (empty, "NA", "null", ...)
         self.extreme = Tally()
         self.max_abs = 0.0
         self.out_of_range = Tally()
+        self.ids_out_of_range = Tally()  # integer data outside [0, vocab): token ids if few are
+        self.ids_checked = 0
         self.ignored = 0
         self.range_min: float | None = None
         self.range_max: float | None = None
+        self.low: float | None = None  # finite extremes of every value seen
+        self.high: float | None = None
+        self.integer_dtype = True
         self.empty = Tally()
         self.empty_reasons: dict[str, int] = {}
         self.sampler = Sampler()
@@ -209,6 +211,15 @@ class FieldScanner:
         if len(rows):
             self.empty.add(len(rows), np.asarray(rows), self.options.max_examples)
             self.empty_reasons[reason] = self.empty_reasons.get(reason, 0) + len(rows)
+
+    def note_missing_cells(self, rows: np.ndarray) -> None:
+        """CSV cells of a numeric column that pandas' default ``read_csv`` will load as NaN."""
+        if len(rows):
+            self.missing_cells.add(len(rows), np.asarray(rows), self.options.max_examples)
+
+    def note_text_nonfinite(self, row: int) -> None:
+        """A row whose value is a text spelling of NaN or infinity (counted only if the field is numeric)."""
+        self.text_nonfinite.add(1, np.asarray([row]), self.options.max_examples)
 
     def count_rows(self, rows: int) -> None:
         self.rows += rows
@@ -236,6 +247,7 @@ class FieldScanner:
         self.numeric = True
         low, high = values.min(), values.max()
         if kind == "f":
+            self.integer_dtype = False
             low, high = float(low), float(high)
             if not (math.isfinite(low) and math.isfinite(high)):
                 low, high = self._count_nonfinite(values, rows)
@@ -243,13 +255,17 @@ class FieldScanner:
                     return
         else:
             low, high = int(low), int(high)
+        self.low = low if self.low is None else min(self.low, low)
+        self.high = high if self.high is None else max(self.high, high)
         if self.role in ("label", "token"):
             self._check_range(values, rows, low, high)
         elif high > FLOAT16_MAX or low < -FLOAT16_MAX:
             self._count_extreme(values, rows)
+        if self.role == "data" and kind in "iu" and self.options.vocab_size is not None:
+            self._check_ids(values, rows, low, high)
         if self._can_be_constant:
             self._track_constant(values, low, high)
-        if self.role == "data":
+        if self.role != "token" and self.role != "mask":
             self.sampler.add(values.reshape(-1))
 
     def _bad_rows(self, mask: np.ndarray, rows: RowMap) -> np.ndarray:
@@ -293,19 +309,23 @@ class FieldScanner:
         return None
 
     def _check_range(self, values: np.ndarray, rows: RowMap, low: float, high: float) -> None:
-        """Class labels / token ids must be whole numbers in [0, bound); labels may be ignore_index."""
+        """Class labels / token ids must be whole numbers in [0, bound); labels may be ignore_index.
+
+        Without a bound a label is still never negative (other than ignore_index): CrossEntropyLoss
+        takes 0..C-1 whatever C is.
+        """
         bound = self.range_bound()
-        if bound is None:
+        if bound is None and self.role == "token":
+            self._note_range(low, high)
             return
         if values.dtype.kind == "f":
             finite = values[np.isfinite(values)]
             if not np.array_equal(finite, np.floor(finite)):
-                return  # not integer-valued: a regression target, not class labels
-        self.range_min = low if self.range_min is None else min(self.range_min, low)
-        self.range_max = high if self.range_max is None else max(self.range_max, high)
-        if low >= 0 and high < bound:
+                return  # not integer-valued: a measurement or regression target, not class labels
+        self._note_range(low, high)
+        if low >= 0 and (bound is None or high < bound):
             return
-        mask = (values < 0) | (values >= bound)
+        mask = (values < 0) if bound is None else (values < 0) | (values >= bound)
         ignore = self.options.ignore_index
         if self.role == "label" and ignore is not None and low <= ignore:
             ignored = values == ignore
@@ -315,7 +335,25 @@ class FieldScanner:
         if count:
             self.out_of_range.add(count, self._bad_rows(mask, rows), self.options.max_examples)
 
+    def _note_range(self, low: float, high: float) -> None:
+        self.range_min = low if self.range_min is None else min(self.range_min, low)
+        self.range_max = high if self.range_max is None else max(self.range_max, high)
+
+    def _check_ids(self, values: np.ndarray, rows: RowMap, low: float, high: float) -> None:
+        """Integer data while --vocab-size is given: count values outside [0, vocab) as would-be token ids;
+        whether the field holds token ids at all is decided from the share in range, at the end."""
+        vocab = self.options.vocab_size
+        assert vocab is not None
+        self.ids_checked += values.size
+        if low >= 0 and high < vocab:
+            return
+        mask = (values < 0) | (values >= vocab)
+        self.ids_out_of_range.add(int(np.count_nonzero(mask)), self._bad_rows(mask, rows), self.options.max_examples)
+
     def _track_constant(self, values: np.ndarray, low: float, high: float) -> None:
+        if (values.ndim == 1) != (self._reference is None) and self._columns is not None:
+            self._can_be_constant = False  # rows mix scalars and lists: no columns to compare
+            return
         if values.ndim == 1:
             self._low = low if self._low is None else min(self._low, low)
             self._high = high if self._high is None else max(self._high, high)
@@ -340,12 +378,6 @@ class FieldScanner:
         self._candidates = candidates[same]
 
     # ----------------------------------------------------------------- results
-    def magnitude(self) -> float | None:
-        """Typical |x| of this field, for comparing files; ``None`` for ids, masks and empty data."""
-        if self.role != "data" or not self.numeric:
-            return None
-        return typical_magnitude(self.sampler.values())
-
     def constant_columns(self) -> list[int]:
         if not self._can_be_constant or self.rows < 2 or self._columns is None:
             return []
@@ -353,90 +385,19 @@ class FieldScanner:
             return [int(c) for c in self._candidates]
         return [0] if self._low is not None and self._low == self._high else []
 
-    def _finding(self, check: str, tally_count: int, examples: list[int], message: str) -> Finding:
-        return Finding(self.file, self.field, check, tally_count, tuple(examples), message)
+    @property
+    def reference_row(self) -> np.ndarray | None:
+        return self._reference
+
+    @property
+    def width(self) -> int | None:
+        return self._columns
+
+    @property
+    def constant_value(self) -> float | None:
+        return self._low
 
     def findings(self) -> list[Finding]:
-        found: list[Finding] = []
-        if self.nonfinite.count:
-            parts = [
-                f"{n} {name}"
-                for n, name in ((self.nan, "NaN"), (self.posinf, "+Inf"), (self.neginf, "-Inf"))
-                if n
-            ]
-            found.append(
-                self._finding(
-                    "nonfinite",
-                    self.nonfinite.count,
-                    self.nonfinite.examples,
-                    f"{plural(self.nonfinite.count, 'non-finite value')} ({', '.join(parts)}) "
-                    f"in {plural(self.nonfinite.rows, 'row')}",
-                )
-            )
-        if self.out_of_range.count:
-            found.append(self._range_finding())
-        if self.extreme.count:
-            found.append(
-                self._finding(
-                    "extreme_scale",
-                    self.extreme.count,
-                    self.extreme.examples,
-                    f"{plural(self.extreme.count, 'finite value')} beyond the float16 range (|x| > 65504, "
-                    f"largest {_fmt(self.max_abs)}) in {plural(self.extreme.rows, 'row')}; "
-                    "they become inf under fp16 autocast",
-                )
-            )
-        columns = self.constant_columns()
-        if columns:
-            found.append(self._constant_finding(columns))
-        if self.empty.count:
-            reasons = ", ".join(f"{n} {reason}" for reason, n in self.empty_reasons.items())
-            found.append(
-                self._finding(
-                    "empty",
-                    self.empty.count,
-                    self.empty.examples,
-                    f"{plural(self.empty.count, 'empty row')} ({reasons})",
-                )
-            )
-        return found
+        from nanguard.scan.interpret import field_findings
 
-    def _range_finding(self) -> Finding:
-        bound = self.range_bound()
-        if self.role == "label":
-            check, what = "label_out_of_range", "labels"
-            source = (
-                "--num-classes"
-                if self.options.num_classes is not None
-                else "--vocab-size (no --num-classes given)"
-            )
-        else:
-            check, what, source = "token_out_of_range", "token ids", "--vocab-size"
-        message = (
-            f"{self.out_of_range.count} {what} outside [0, {bound}) in {plural(self.out_of_range.rows, 'row')} "
-            f"(min {_fmt(self.range_min or 0)}, max {_fmt(self.range_max or 0)}; bound from {source})"
-        )
-        if self.role == "label" and self.options.ignore_index is not None:
-            ignore = self.options.ignore_index
-            message += (
-                f"; {ignore} is allowed as ignore_index ({plural(self.ignored, 'such value')} not counted)"
-            )
-        return self._finding(check, self.out_of_range.count, self.out_of_range.examples, message)
-
-    def _constant_finding(self, columns: list[int]) -> Finding:
-        if self._reference is None:
-            return self._finding(
-                "constant",
-                1,
-                [],
-                f"all {self.rows} values equal {_fmt(float(self._low or 0))}: the field carries no information",
-            )
-        shown = ", ".join(str(c) for c in columns[: self.options.max_examples])
-        more = ", ..." if len(columns) > self.options.max_examples else ""
-        return self._finding(
-            "constant",
-            len(columns),
-            [],
-            f"{len(columns)} of {self._columns} columns hold one value in all {self.rows} rows "
-            f"(columns {shown}{more}, flattened after axis 0)",
-        )
+        return field_findings(self)

@@ -64,6 +64,12 @@ class FileScan:
             found.extend(scanner.findings())
         return found
 
+    def notes(self) -> list[str]:
+        """What was assumed about each field and what could not be checked, prefixed by the file name."""
+        from nanguard.scan.interpret import field_notes
+
+        return [f"{self.name}: {note}" for scanner in self.scanners.values() for note in field_notes(scanner)]
+
 
 def rows_per_chunk(row_shape: tuple[int, ...], itemsize: int) -> int:
     row_bytes = max(1, int(np.prod(row_shape, dtype=np.int64)) * itemsize)
@@ -115,6 +121,21 @@ def tensor_to_numpy(tensor: Any) -> np.ndarray:
         return tensor.numpy()
     except (TypeError, RuntimeError):
         return tensor.float().numpy() if tensor.is_floating_point() else tensor.to(torch.int64).numpy()
+
+
+#: Text that ``float()``, ``json`` exports of pandas/JavaScript and ``pandas.to_numeric`` read as non-finite.
+_NONFINITE_TEXT = {
+    "nan": float("nan"), "-nan": float("nan"), "+nan": float("nan"),
+    "inf": float("inf"), "+inf": float("inf"), "-inf": float("-inf"),
+    "infinity": float("inf"), "+infinity": float("inf"), "-infinity": float("-inf"),
+}
+
+
+def spelled_number(text: str) -> float | None:
+    """``float('nan')``/``inf`` for a text spelling of a non-finite number ("NaN", "-Infinity"), else None."""
+    if len(text) > 9:
+        return None
+    return _NONFINITE_TEXT.get(text.strip().lower())
 
 
 def to_array(value: Any) -> np.ndarray | None:
@@ -170,6 +191,8 @@ class RowBuffer:
             self._append(row, value, 1)
         elif kind is list:
             if value:
+                if any(type(v) is str for v in value):
+                    value = self._unspell(value)
                 self._append(row, value, len(value))
             else:
                 self.scanner.note_empty(np.asarray([row]), "zero-length")
@@ -179,6 +202,8 @@ class RowBuffer:
         elif isinstance(value, str | bytes):
             if len(value) == 0:
                 self.scanner.note_empty(np.asarray([row]), "empty string")
+            elif isinstance(value, str) and spelled_number(value) is not None:
+                self.scanner.note_text_nonfinite(row)
         else:
             array = to_array(value)
             if array is None:
@@ -188,6 +213,15 @@ class RowBuffer:
                 self.scanner.count_rows(1)
                 return
             self._append(row, array, array.size)
+
+    def _unspell(self, values: list[Any]) -> list[Any]:
+        """A list of numbers with some written as text ("NaN", "Infinity", as pandas and JavaScript export
+        them) becomes numbers, each text counted; a list with other text is left as it is."""
+        converted = [spelled_number(v) if type(v) is str else v for v in values]
+        if any(v is None for v in converted):
+            return values
+        self.scanner.spelled += sum(1 for v in values if type(v) is str)
+        return converted
 
     def _append(self, row: int, value: Any, size: int) -> None:
         self._rows.append(row)

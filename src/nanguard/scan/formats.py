@@ -7,6 +7,9 @@ Damage in one part (a bad JSON line, a parquet row group) is recorded here and t
 from __future__ import annotations
 
 import json
+import os
+import pickle
+import re
 import zipfile
 from collections.abc import Callable
 from typing import IO, Any
@@ -27,8 +30,6 @@ from nanguard.scan.feed import (
 
 Reader = Callable[[str, FileScan], None]
 
-#: The nan spellings that ``pandas.to_numeric`` turns into NaN on purpose (not parse failures).
-_NAN_TEXT = frozenset({"nan", "-nan", "+nan"})
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -122,14 +123,64 @@ def _read_exactly(stream: IO[bytes], size: int) -> bytes:
 
 
 # --------------------------------------------------------------------------- torch
+class NotADataFile(Exception):
+    """A file with a dataset suffix that holds something else (a checkpoint named ``.bin``): skipped."""
+
+
 def read_pt(path: str, scan: FileScan) -> None:
-    """``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary code."""
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary code.
+
+    A file that holds other Python objects is reported and not loaded. torch's own message then
+    suggests retrying with ``weights_only=False``, which would run whatever code the pickle names;
+    that advice is never repeated.
+    """
     torch = require("torch", extra="torch", feature="scanning .pt files")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) files cannot mmap
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if _refused_pickle(exc):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) files cannot mmap
+    except Exception as exc:
+        if not _refused_pickle(exc):
+            raise
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        named = f" (such as {found.group(1)})" if found else ""
+        scan.add(
+            "unreadable",
+            f"holds arbitrary Python objects{named}, which torch.load(weights_only=True) refuses: not loaded, "
+            "because unpickling them can run any code. To scan it, save tensors and plain dicts/lists "
+            "(or safetensors) from the code that made it.",
+        )
+        return
     walk_object(obj, None, scan)
+
+
+def _refused_pickle(exc: BaseException) -> bool:
+    return isinstance(exc, pickle.UnpicklingError) or "weights only load failed" in str(exc).lower()
+
+
+def read_bin(path: str, scan: FileScan) -> None:
+    """A raw array of token ids with no header, as nanoGPT's prepare.py writes ``train.bin`` (uint16 by
+    default; ``--bin-dtype`` for others). A PyTorch checkpoint or pickle named ``.bin`` is skipped."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head.startswith((b"PK\x03\x04", b"\x80")):
+        raise NotADataFile("a PyTorch checkpoint or pickle, not raw token ids")
+    dtype = np.dtype(scan.options.bin_dtype)
+    size = os.path.getsize(path)
+    if size == 0:
+        _no_rows(scan, "no token ids (0 bytes)")
+        return
+    if size % dtype.itemsize:
+        scan.add(
+            "unreadable",
+            f"{size} bytes is not a whole number of {dtype.name} token ids: is --bin-dtype right?",
+        )
+        return
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    feed_array(scan.field(None, "token"), tokens, scan.advance)
 
 
 def walk_object(obj: Any, path: str | None, scan: FileScan) -> None:
@@ -249,12 +300,16 @@ def read_csv(path: str, scan: FileScan, chunk_rows: int = 65536) -> None:
     with reader:
         for frame in reader:
             all_empty = np.ones(len(frame), dtype=bool)
-            empty_cells: dict[str, np.ndarray] = {}
+            cells: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
             for name in frame.columns:
-                empty_cells[name] = _scan_csv_column(frame[name], str(name), start, scan, pd)
-                all_empty &= empty_cells[name]
-            for name, empty in empty_cells.items():
-                scan.field(str(name)).note_empty(np.flatnonzero(empty & ~all_empty) + start, "empty cells")
+                cells[str(name)] = _scan_csv_column(frame[name], str(name), start, scan, pd)
+                all_empty &= cells[str(name)][0]
+            for name, (empty, missing) in cells.items():
+                if missing is None:
+                    scan.field(name).note_empty(np.flatnonzero(empty & ~all_empty) + start, "empty cells")
+                else:
+                    scan.field(name).note_missing_cells(np.flatnonzero(missing & ~all_empty) + start)
+
             blank = np.flatnonzero(all_empty) + start
             blank_count += len(blank)
             blank_examples.extend(int(r) for r in blank[: scan.options.max_examples - len(blank_examples)])
@@ -275,25 +330,38 @@ def read_csv(path: str, scan: FileScan, chunk_rows: int = 65536) -> None:
         )
 
 
-def _scan_csv_column(column: Any, name: str, start: int, scan: FileScan, pd: Any) -> np.ndarray:
-    """Scan one CSV column chunk; returns which of its cells are empty."""
+#: The cell texts ``pandas.read_csv`` loads as NaN by default (its ``na_values``), empty included.
+PANDAS_NA = frozenset(
+    {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
+     "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
+)
+
+
+def _scan_csv_column(
+    column: Any, name: str, start: int, scan: FileScan, pd: Any
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scan one CSV column chunk; returns which cells are empty text and, for a numeric column, which
+    cells pandas will load as NaN (the caller reports both once blank rows are known).
+
+    In a numeric column, cells pandas will load as NaN (empty, "NA", "null", "nan", ...) are what the
+    training code sees as NaN, so they are reported as such rather than as empty rows.
+    """
     if column.dtype.kind in "iuf":
         scan.field(name).update(column.to_numpy(), RowMap(start))
-        return np.zeros(len(column), dtype=bool)
+        return np.zeros(len(column), dtype=bool), None
     text = column.astype(str).str.strip()
     empty = (text == "").to_numpy()
-    numbers = pd.to_numeric(text.where(~empty, "nan"), errors="coerce")
-    failed = numbers.isna().to_numpy() & ~empty & ~text.str.lower().isin(_NAN_TEXT).to_numpy()
-    if not failed.any():  # a numeric column with empty cells or NaN spelled as text
-        kept = np.flatnonzero(~empty)
-        values = numbers.to_numpy(dtype=np.float64)[kept]
-        if (
-            np.array_equal(values[np.isfinite(values)], np.floor(values[np.isfinite(values)]))
-            and not np.isnan(values).any()
-        ):
-            values = values.astype(np.int64)
-        scan.field(name).update(values, RowMap(ids=kept + start))
-    return empty
+    missing = text.isin(PANDAS_NA).to_numpy()
+    numbers = pd.to_numeric(text.where(~missing, "nan"), errors="coerce")
+    failed = numbers.isna().to_numpy() & ~missing
+    if failed.any() or missing.all():  # text, or nothing but missing cells: not a numeric column
+        return empty, None
+    kept = np.flatnonzero(~missing)
+    values = numbers.to_numpy(dtype=np.float64)[kept]
+    if np.array_equal(values[np.isfinite(values)], np.floor(values[np.isfinite(values)])) and np.isfinite(values).all():
+        values = values.astype(np.int64)
+    scan.field(name).update(values, RowMap(ids=kept + start))
+    return empty, missing
 
 
 # --------------------------------------------------------------------------- parquet
@@ -386,6 +454,7 @@ READERS: dict[str, Reader] = {
     ".jsonl": read_jsonl,
     ".ndjson": read_jsonl,
     ".json": read_json,
+    ".bin": read_bin,
 }
 
 #: Files of one kind are compared with each other for scale_mismatch.
@@ -400,6 +469,7 @@ KINDS: dict[str, str] = {
     ".jsonl": "json",
     ".ndjson": "json",
     ".json": "json",
+    ".bin": "bin",
 }
 
 __all__ = ["KINDS", "READERS", "to_array", "walk_object"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nanguard.scan.progress import _size
+from nanguard.scan.progress import size_text as _size
 from nanguard.scan.result import ScanResult
 
 _HEADERS = ("FILE", "FIELD", "CHECK", "COUNT", "ROWS", "MESSAGE")
@@ -18,8 +18,9 @@ def _rows_text(examples: tuple[int, ...], count: int) -> str:
 def render_table(result: ScanResult) -> str:
     """Aligned columns, one finding per line, then a one-line summary."""
     scanned = f"{len(result.files)} file{'s' if len(result.files) != 1 else ''} ({_size(result.bytes)}) in {result.seconds:.2f} s"
+    notes = _notes(result)
     if result.ok:
-        return f"no problems found in {scanned}\n"
+        return f"no problems found in {scanned}\n{notes}"
     rows = [
         (
             f.file,
@@ -38,4 +39,11 @@ def render_table(result: ScanResult) -> str:
     ]
     files_with = len({f.file for f in result.findings})
     summary = f"{len(result.findings)} finding{'s' if len(result.findings) != 1 else ''} in {files_with} of {scanned}"
-    return "\n".join(lines) + "\n\n" + summary + "\n"
+    return "\n".join(lines) + "\n\n" + summary + "\n" + notes
+
+
+def _notes(result: ScanResult) -> str:
+    """What the scan assumed and what it could not check: part of every honest "no problems"."""
+    if not result.notes:
+        return ""
+    return "\nassumed and not checked:\n" + "".join(f"  - {note}\n" for note in result.notes)

@@ -64,6 +64,8 @@ class ScanResult:
     files: list[str] = field(default_factory=list)
     bytes: int = 0
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # what was assumed, and what could not be checked
+    skipped: list[str] = field(default_factory=list)  # files in the folders that are not datasets
 
     @property
     def ok(self) -> bool:
@@ -82,6 +84,8 @@ class ScanResult:
             "files": list(self.files),
             "bytes": int(self.bytes),
             "seconds": round(float(self.seconds), 6),
+            "notes": list(self.notes),
+            "skipped": list(self.skipped),
         }
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import statistics
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -11,13 +10,15 @@ from typing import Any
 import numpy as np
 
 from nanguard.errors import UsageError
-from nanguard.scan.core import FieldScanner, Role, ScanOptions
+from nanguard.scan.collection import scale_mismatches
+from nanguard.scan.core import Role, ScanOptions
 from nanguard.scan.feed import FileScan, RecordBuffers, feed_array, is_tensor, tensor_to_numpy
-from nanguard.scan.formats import KINDS, READERS, walk_object
+from nanguard.scan.formats import KINDS, READERS, NotADataFile, walk_object
 from nanguard.scan.progress import Progress
 from nanguard.scan.result import Finding, ScanResult, sort_findings
 
 SUPPORTED = ", ".join(sorted(READERS))
+BIN_DTYPES = ("uint16", "uint32", "int32", "int64")
 
 
 def make_options(
@@ -26,6 +27,8 @@ def make_options(
     label_field: str | Iterable[str] | None = None,
     ignore_index: int | None = -100,
     scale_ratio: float = 100.0,
+    sibling_ratio: float = 5.0,
+    bin_dtype: str = "uint16",
 ) -> ScanOptions:
     """Validated options; a bad value raises :class:`UsageError` naming the argument."""
     for name, value in (("num_classes", num_classes), ("vocab_size", vocab_size)):
@@ -33,8 +36,11 @@ def make_options(
             isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1
         ):
             raise UsageError(f"{name} must be a positive integer, got {value!r}")
-    if not scale_ratio > 1:
-        raise UsageError(f"scale_ratio must be greater than 1, got {scale_ratio!r}")
+    for name, ratio in (("scale_ratio", scale_ratio), ("sibling_ratio", sibling_ratio)):
+        if not ratio > 1:
+            raise UsageError(f"{name} must be greater than 1, got {ratio!r}")
+    if bin_dtype not in BIN_DTYPES:
+        raise UsageError(f"bin_dtype must be one of {', '.join(BIN_DTYPES)}, got {bin_dtype!r}")
     fields = [label_field] if isinstance(label_field, str) else list(label_field or [])
     return ScanOptions(
         num_classes=None if num_classes is None else int(num_classes),
@@ -42,13 +48,16 @@ def make_options(
         label_fields=frozenset(fields),
         ignore_index=ignore_index,
         scale_ratio=float(scale_ratio),
+        sibling_ratio=float(sibling_ratio),
+        bin_dtype=bin_dtype,
     )
 
 
-def discover(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+def discover(paths: Sequence[str | os.PathLike[str]], skipped: list[str] | None = None) -> list[str]:
     """Dataset files under ``paths`` in a stable order; hidden files and folders are skipped.
 
-    A missing path, or a file given by name in a format the scanner does not read, is bad usage.
+    A missing path, or a file given by name in a format the scanner does not read, is bad usage;
+    files of other types found in a folder are appended to ``skipped`` (so the output can say so).
     """
     if not paths:
         raise UsageError("no path given: name one or more dataset files or folders")
@@ -59,11 +68,13 @@ def discover(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
             before = len(found)
             for folder, dirs, names in os.walk(path):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                found.extend(
-                    os.path.join(folder, name)
-                    for name in sorted(names)
-                    if not name.startswith(".") and _suffix(name) in READERS
-                )
+                for name in sorted(names):
+                    if name.startswith("."):
+                        continue
+                    if _suffix(name) in READERS:
+                        found.append(os.path.join(folder, name))
+                    elif skipped is not None:
+                        skipped.append(os.path.join(folder, name))
             if len(found) == before:
                 raise UsageError(f"no dataset files found under {path!r} (looked for {SUPPORTED})")
         elif os.path.isfile(path):
@@ -87,35 +98,54 @@ def scan_paths(
     label_field: str | Iterable[str] | None = None,
     ignore_index: int | None = -100,
     scale_ratio: float = 100.0,
+    sibling_ratio: float = 5.0,
+    bin_dtype: str = "uint16",
     progress: Progress | None = None,
 ) -> ScanResult:
     """Scan dataset files and folders (recursively). Unreadable files become findings; the scan goes on."""
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
-    options = make_options(num_classes, vocab_size, label_field, ignore_index, scale_ratio)
-    files = discover(paths)
+    options = make_options(
+        num_classes, vocab_size, label_field, ignore_index, scale_ratio, sibling_ratio, bin_dtype
+    )
+    skipped: list[str] = []
+    files = discover(paths, skipped)
     sizes = [os.path.getsize(f) for f in files]
     started = time.perf_counter()
     progress = progress if progress is not None else Progress(sum(sizes))
     findings: list[Finding] = []
     scanned: list[FileScan] = []
+    notes: list[str] = []
     done = 0
     try:
         for path, size in zip(files, sizes, strict=True):
             progress.file(os.path.basename(path))
-            file_scan = scan_file(path, options, progress.advance)
+            try:
+                file_scan = scan_file(path, options, progress.advance)
+            except NotADataFile as exc:
+                notes.append(f"{path}: skipped, {exc}")
+                continue
             scanned.append(file_scan)
             findings.extend(file_scan.findings())
+            notes.extend(file_scan.notes())
             done += size
             progress.done = done
     finally:
         progress.close()
-    findings.extend(scale_mismatches(scanned, options))
+    findings.extend(scale_mismatches(scanned, options, KINDS))
+    if skipped:
+        kinds = sorted({_suffix(p) or "(no extension)" for p in skipped})
+        notes.append(
+            f"skipped {len(skipped)} file{'s' if len(skipped) != 1 else ''} of types nanguard scan does not "
+            f"read ({', '.join(kinds)}): {', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''}"
+        )
     return ScanResult(
         findings=sort_findings(findings, files),
-        files=files,
+        files=[f.name for f in scanned],
         bytes=sum(sizes),
         seconds=time.perf_counter() - started,
+        notes=notes,
+        skipped=skipped,
     )
 
 
@@ -125,6 +155,8 @@ def scan_file(path: str, options: ScanOptions, advance: Any = None) -> FileScan:
     file_scan = FileScan(path, stem, options) if advance is None else FileScan(path, stem, options, advance)
     try:
         READERS[_suffix(path)](path, file_scan)
+    except NotADataFile:
+        raise
     except MemoryError:
         file_scan.add("unreadable", "ran out of memory reading this file")
     except Exception as exc:  # one damaged file must not stop the scan of the others
@@ -136,44 +168,6 @@ def _describe(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     text = lines[0] if lines else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def scale_mismatches(scans: Sequence[FileScan], options: ScanOptions) -> list[Finding]:
-    """Files whose typical |x| is ``scale_ratio`` times off the median of their siblings'.
-
-    Siblings are files of the same kind in the same folder, compared field by field; this is the
-    "one data file in other units" failure that gives a finite loss of 1e15 and no NaN anywhere.
-    """
-    groups: dict[tuple[str, str, str | None], list[tuple[FileScan, FieldScanner, float]]] = {}
-    for file_scan in scans:
-        kind = KINDS[_suffix(file_scan.name)]
-        folder = os.path.dirname(file_scan.name)
-        for name, scanner in file_scan.scanners.items():
-            magnitude = scanner.magnitude()
-            if magnitude is not None:
-                groups.setdefault((folder, kind, name), []).append((file_scan, scanner, magnitude))
-    findings: list[Finding] = []
-    for members in groups.values():
-        if len(members) < 2:
-            continue
-        for index, (file_scan, scanner, magnitude) in enumerate(members):
-            siblings = [m for i, (_, _, m) in enumerate(members) if i != index]
-            reference = statistics.median(siblings)
-            ratio = magnitude / reference
-            if ratio >= options.scale_ratio or ratio <= 1 / options.scale_ratio:
-                findings.append(
-                    Finding(
-                        file_scan.name,
-                        scanner.field,
-                        "scale_mismatch",
-                        scanner.rows,
-                        (),
-                        f"typical |x| is {magnitude:.3g}, {ratio:.3g}x the median of its {len(siblings)} "
-                        f"sibling file{'s' if len(siblings) > 1 else ''} ({reference:.3g}); "
-                        "is this file in other units or unnormalised?",
-                    )
-                )
-    return findings
 
 
 # --------------------------------------------------------------------------- in memory
@@ -202,6 +196,7 @@ def scan_dataset(
         files=[],
         bytes=_nbytes(obj),
         seconds=time.perf_counter() - started,
+        notes=file_scan.notes(),
     )
 
 
