@@ -20,20 +20,11 @@ import torch
 from nanguard.events import Diagnosis
 from nanguard.forensics import checks
 from nanguard.forensics import replay as replaying
-from nanguard.forensics.diagnose import Facts, diagnose
-from nanguard.forensics.replay import (
-    LOW_PRECISION,
-    ReplayOutcome,
-    TrainingState,
-    float32_mode,
-    low_precision_tensors,
-    named_buffers,
-    named_parameters,
-)
-from nanguard.forensics.request import InvestigationRequest, RngState, StepCapture
+from nanguard.forensics.replay import LOW_PRECISION, ReplayOutcome, float32_mode, low_precision_tensors
+from nanguard.forensics.request import InvestigationRequest, StepCapture
+from nanguard.forensics.rules import Facts, diagnose
 from nanguard.forensics.trace import OpTracer
-
-__all__ = ["Investigation", "InvestigationRequest", "RngState", "StepCapture", "investigate"]
+from nanguard.state import SavedState, Subjects
 
 
 @dataclass
@@ -49,10 +40,11 @@ def investigate(request: InvestigationRequest) -> Investigation:
     start = time.perf_counter()
     facts = Facts()
     details: dict[str, Any] = {}
-    state: TrainingState | None = None
+    state: SavedState | None = None
     try:
         batch = dict(request.capture.batch) if request.capture is not None else {}
-        state = TrainingState(request.models, request.optimizer, request.scaler, batch)
+        subjects = Subjects(request.optimizer, list(request.models), scaler=request.scaler)
+        state = SavedState.capture(subjects, scoped=True, tensors=batch.values())
         _gather(request, batch, state, facts, details)
     except Exception as exc:
         facts.failures.append(f"investigation: {type(exc).__name__}: {exc}"[:300])
@@ -80,12 +72,12 @@ def investigate(request: InvestigationRequest) -> Investigation:
 def _gather(
     request: InvestigationRequest,
     batch: dict[str, Any],
-    state: TrainingState,
+    state: SavedState,
     facts: Facts,
     details: dict[str, Any],
 ) -> None:
     models = list(request.models)
-    params = named_parameters(models)
+    params = state.subjects.named_parameters()
     names = {id(p): name for name, p in params}
     facts.trigger = request.trigger
     facts.loss, facts.grad_norm, facts.lr = request.loss, request.grad_norm, request.lr
@@ -106,10 +98,10 @@ def _gather(
     facts.checked += ["batch finite", "batch scale"]
     # State.
     facts.weights = checks.state_nonfinite(params, "parameter") + checks.state_nonfinite(
-        named_buffers(models), "buffer"
+        state.subjects.named_buffers(), "buffer"
     )
     facts.optimizer_state = checks.optimizer_state_nonfinite(request.optimizer, names)
-    facts.entry_grads = checks.grads_nonfinite(state.entry_grads(), names)
+    facts.entry_grads = checks.grads_nonfinite(state.grad_pairs(), names)
     facts.eps_underflow = checks.eps_underflow(request.optimizer)
     facts.batchnorm_training = checks.batchnorm_training_modules(models)
     facts.checked += ["weights/buffers finite", "optimizer state finite"]
@@ -127,23 +119,30 @@ def _gather(
         facts.failures.append("no replay: a device-side assert leaves the CUDA context unusable")
     if can_replay:
         assert capture is not None
-        _replays(request, capture, batch, state, names, facts, details)
+        _replays(_Replay(request, capture, batch, state, names), facts, details)
     _label_findings(request, batch, facts)
 
 
-def _replays(
-    request: InvestigationRequest,
-    capture: StepCapture,
-    batch: dict[str, Any],
-    state: TrainingState,
-    names: dict[int, str],
-    facts: Facts,
-    details: dict[str, Any],
-) -> None:
-    models = list(request.models)
+@dataclass
+class _Replay:
+    """What every replay of one investigation shares."""
+
+    request: InvestigationRequest
+    capture: StepCapture
+    batch: dict[str, Any]
+    state: SavedState
+    names: dict[int, str]
+
+    def run(self, label: str, instruments: Any = None) -> ReplayOutcome:
+        return replaying.replay(self.capture, self.state, self.names, label=label, instruments=instruments)
+
+
+def _replays(replay: _Replay, facts: Facts, details: dict[str, Any]) -> None:
+    """Plain replay (and a simulated update), traced replay, and a float32 counterfactual when it can decide."""
+    request, capture, batch, names = replay.request, replay.capture, replay.batch, replay.names
     runs: list[ReplayOutcome] = []
     if request.exception is None:
-        facts.plain = replaying.replay(capture, state, names, label="plain")
+        facts.plain = replay.run("plain")
         runs.append(facts.plain)
         facts.checked.append("plain replay")
         if facts.plain.error is None and facts.plain.grads_finite and _wants_update_sim(request, facts):
@@ -152,54 +151,47 @@ def _replays(
                 facts.checked.append("simulated optimizer step")
             except Exception as exc:
                 facts.failures.append(f"update simulation: {type(exc).__name__}: {exc}"[:300])
-
-    tracer = OpTracer(models, batch, request.optimizer)
-    facts.traced = replaying.replay(capture, state, names, label="traced", instruments=lambda: tracer)
-    runs.append(facts.traced)
-    facts.checked.append("operator trace")
-    facts.births = list(tracer.births)
-    facts.loss_ops = tracer.loss_ops
-    facts.batchnorm_ops = tracer.batchnorm_ops
-    facts.error_context = tracer.error_context
-    facts.low_precision = sorted(tracer.low_precision)
-    facts.loss_origin = tracer.origin_of(facts.traced.loss_tensor) if not facts.traced.loss_finite else None
-    if facts.loss_origin is None and facts.traced.loss is not None and not facts.traced.loss_finite:
-        facts.loss_origin = tracer.last_origin("loss") or tracer.last_origin("forward")
-    if not facts.traced.grads_finite:
-        bad = [p for p in state.params if names.get(id(p)) in facts.traced.grad_nonfinite]
-        origins = [tracer.origin_of(p.grad) for p in bad]
-        facts.grad_origin = next((o for o in origins if o is not None), None) or tracer.last_origin(
-            "backward"
-        )
-    facts.traced.loss_tensor = None  # drop the graph
-    details["module_stats"] = [s.to_dict() for s in tracer.module_stats.values()]
-    details["births"] = [b.to_dict() for b in facts.births]
-    details["loss_ops"] = facts.loss_ops
-    details["embedding_ops"] = tracer.embedding_ops
-    details["batchnorm_ops"] = tracer.batchnorm_ops
-    details["ops_traced"] = tracer.op_count
-    if tracer.error_context:
-        details["error_context"] = tracer.error_context
-    if tracer.record_errors:
-        facts.failures += tracer.record_errors[:4]
-    facts.tokens = [dict(e, module=e["module"]) for e in tracer.embedding_ops if e["out_of_range"]]
-
-    low = (
-        bool(facts.low_precision)
-        or bool(low_precision_tensors(models, batch))
-        or (capture.autocast_dtype in LOW_PRECISION)
-    )
+    runs.append(_traced(replay, facts, details))
+    models = list(request.models)
+    low = bool(facts.low_precision) or bool(low_precision_tensors(models, batch)) or capture.autocast_dtype in LOW_PRECISION
     if low and any(not r.finite for r in runs):
         tensors = low_precision_tensors(models, batch)
-        facts.fp32 = replaying.replay(
-            capture, state, names, label="float32", instruments=lambda: float32_mode(tensors)
-        )
+        facts.fp32 = replay.run("float32", lambda: float32_mode(tensors))
         runs.append(facts.fp32)
         facts.checked.append("float32 counterfactual")
     details["replays"] = [r.to_dict() for r in runs]
     for r in runs:
         r.loss_tensor = None
         r.exception = None
+
+
+def _traced(replay: _Replay, facts: Facts, details: dict[str, Any]) -> ReplayOutcome:
+    """The replay under the operator tracer: where the first bad value was born, and the op records."""
+    tracer = OpTracer(list(replay.request.models), replay.batch, replay.request.optimizer)
+    traced = facts.traced = replay.run("traced", lambda: tracer)
+    facts.checked.append("operator trace")
+    facts.births = list(tracer.births)
+    facts.loss_ops = tracer.loss_ops
+    facts.batchnorm_ops = tracer.batchnorm_ops
+    facts.error_context = tracer.error_context
+    facts.low_precision = sorted(tracer.low_precision)
+    facts.loss_origin = tracer.origin_of(traced.loss_tensor) if not traced.loss_finite else None
+    if facts.loss_origin is None and traced.loss is not None and not traced.loss_finite:
+        facts.loss_origin = tracer.last_origin("loss") or tracer.last_origin("forward")
+    if not traced.grads_finite:
+        bad = [p for p in replay.state.params if replay.names.get(id(p)) in traced.grad_nonfinite]
+        origins = [tracer.origin_of(p.grad) for p in bad]
+        facts.grad_origin = next((o for o in origins if o is not None), None) or tracer.last_origin("backward")
+    traced.loss_tensor = None  # drop the graph
+    details.update(module_stats=[s.to_dict() for s in tracer.module_stats.values()],
+                   births=[b.to_dict() for b in facts.births], loss_ops=facts.loss_ops,
+                   embedding_ops=tracer.embedding_ops, batchnorm_ops=tracer.batchnorm_ops, ops_traced=tracer.op_count)
+    if tracer.error_context:
+        details["error_context"] = tracer.error_context
+    if tracer.record_errors:
+        facts.failures += tracer.record_errors[:4]
+    facts.tokens = [dict(e, module=e["module"]) for e in tracer.embedding_ops if e["out_of_range"]]
+    return traced
 
 
 def _wants_update_sim(request: InvestigationRequest, facts: Facts) -> bool:
