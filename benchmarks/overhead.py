@@ -25,7 +25,7 @@ Variants:
 Also measured: peak memory per variant (CUDA ``max_memory_allocated`` on a GPU; on a CPU the peak RSS growth
 of a forked child that builds and trains one variant alone), the time inside ``optimizer.step()`` alone
 (where the guard does its work, resolved far below whole-step noise), the cost of one rollback snapshot
-(``Guard._take_snapshot``) amortised over each preset's ``snapshot_every``, and the time one forensic
+(``guard.rollback.take()``) amortised over each preset's ``snapshot_every``, and the time one forensic
 replay adds to the step where a NaN appears. Prints Markdown; ``--json PATH`` also writes the numbers.
 This script asserts nothing about speed.
 """
@@ -272,32 +272,24 @@ def transformers_available() -> bool:
     return True
 
 
-def _active_guards() -> Any:
-    from nanguard import guard as guard_module
-
-    active = getattr(guard_module, "_ACTIVE_GUARDS", None)
-    if active is None:
-        raise RuntimeError("nanguard.guard._ACTIVE_GUARDS is gone: update listening() in benchmarks/overhead.py")
-    return active
-
-
 @contextlib.contextmanager
 def listening(guard: Any) -> Iterator[None]:
-    """Let only ``guard`` see ``backward()`` calls while its variant runs.
+    """Let only ``guard`` hear ``backward()`` calls while its variant runs.
 
-    A Guard hears every ``backward()`` in the process (it patches ``torch.autograd.backward``), so guards of
-    other variants living in this process would count this variant's losses as their own. A user runs one
-    guard per training loop; this puts each guard back in that situation for its own blocks only.
+    Guards of the other variants live in this process too; each would have to walk every ``backward()``'s
+    graph to tell its own losses from theirs, which no run with one guard pays. A user runs one guard per
+    training loop; this puts each guard back in that situation for its own blocks only.
     """
     if guard is None:
         yield
         return
-    active = _active_guards()
-    active.add(guard)
+    from nanguard.step.losses import BOOK
+
+    BOOK.register(guard.pipeline, guard.subjects.params())
     try:
         yield
     finally:
-        active.discard(guard)
+        BOOK.unregister(guard.pipeline)
 
 
 def build_run(variant: str, optimizer_kind: str, settings: Settings, out_root: Path, model: nn.Module | None = None) -> Run:
@@ -309,7 +301,9 @@ def build_run(variant: str, optimizer_kind: str, settings: Settings, out_root: P
 
         out_dir = out_root / f"{GUARD_PRESETS[variant]}-{optimizer_kind}"
         run.guard = nanguard.Guard(model, optimizer, config=GUARD_PRESETS[variant], console=False, report=False, out_dir=out_dir)
-        _active_guards().discard(run.guard)  # silent until its own blocks (see listening())
+        from nanguard.step.losses import BOOK
+
+        BOOK.unregister(run.guard.pipeline)  # silent until its own blocks (see listening())
     elif variant == SEED_CHECKS:
         run.train_step = seed_checks_step
     elif variant == ANOMALY:
@@ -343,8 +337,8 @@ def fill_snapshot_ring(run: Run) -> None:
     guard = run.guard
     if guard is None or not guard.config.snapshot_every:
         return
-    while len(guard.snapshots) < guard.config.snapshot_keep:
-        guard._take_snapshot()
+    while len(guard.rollback) < guard.config.snapshot_keep:
+        guard.rollback.take(guard.step_count)
 
 
 def variants_to_run() -> list[str]:
@@ -536,20 +530,13 @@ def memory_pass(settings: Settings, variants: list[str], out_root: Path) -> tupl
 
 # ---------------------------------------------------------------------------------------------- snapshots
 def snapshot_bytes(snapshot: Any) -> int:
-    def walk(value: Any) -> int:
-        if isinstance(value, torch.Tensor):
-            return value.numel() * value.element_size()
-        if isinstance(value, dict):
-            return sum(walk(v) for v in value.values())
-        if isinstance(value, (list, tuple)):
-            return sum(walk(v) for v in value)
-        return 0
-
-    return walk(snapshot.models) + walk(snapshot.optimizer)
+    """Bytes of the tensor copies a snapshot (a ``nanguard.state.SavedState``) holds."""
+    copies = list(snapshot.tensors) + [v for values in (snapshot.optimizer_state or {}).values() for v in values.values()]
+    return sum(c.saved.numel() * c.saved.element_size() for c in copies if hasattr(c, "saved"))
 
 
 def snapshot_rows(runs: list[Run], timing: list[dict[str, Any]], settings: Settings) -> list[dict[str, Any]]:
-    """Time ``Guard._take_snapshot()`` (synchronised on both sides) on the safe guard of each optimizer kind."""
+    """Time ``guard.rollback.take()`` (synchronised on both sides) on the safe guard of each optimizer kind."""
     from nanguard.config import PRESETS, GuardConfig
 
     rows = []
@@ -560,11 +547,11 @@ def snapshot_rows(runs: list[Run], timing: list[dict[str, Any]], settings: Setti
         for _ in range(settings.snapshot_repeats):
             sync(settings.device)
             started = time.perf_counter()
-            run.guard._take_snapshot()
+            run.guard.rollback.take(run.guard.step_count)
             sync(settings.device)
             seconds.append(time.perf_counter() - started)
         snapshot_ms = 1e3 * median(seconds)
-        newest = run.guard.snapshots.newest_finite()
+        newest = run.guard.rollback.newest_finite()
         intervals = {name: GuardConfig.preset(name).snapshot_every for name in PRESETS}
         rows.append({
             "optimizer": kind, "snapshot_ms": snapshot_ms, "snapshot_mb": snapshot_bytes(newest) / 1e6 if newest else None,
@@ -701,7 +688,7 @@ def format_report(result: dict[str, Any]) -> str:
                           f"{row['steps_per_snapshot']:.3f}", amortised])
     out += ["", "## Rollback snapshot refresh", "",
             markdown_table(["optimizer", "snapshot ms (median)", "snapshot MB", "unguarded step ms", "x step", "amortised per step"], snap_rows),
-            "", "`Guard._take_snapshot()` timed with a device sync on both sides, on the safe guard after the timed rounds; "
+            "", "`guard.rollback.take()` timed with a device sync on both sides, on the safe guard after the timed rounds; "
             "amortised = snapshot time / unguarded step time / the preset's `snapshot_every`."]
 
     replay_rows = []
