@@ -22,6 +22,10 @@ Variants:
 * ``detect_anomaly`` -- ``torch.autograd.detect_anomaly()`` around forward and backward.
 * ``DebugUnderflowOverflow`` -- ``transformers.debug_utils.DebugUnderflowOverflow(model)`` (if installed).
 
+With ``--baseline PATH`` (the ``src`` folder of another nanguard checkout, e.g. main's) the time inside
+``optimizer.step()`` is also measured for both trees side by side, in interleaved worker processes
+(``_step_call.py``), and the report gains a before/after table.
+
 Also measured: peak memory per variant (CUDA ``max_memory_allocated`` on a GPU; on a CPU the peak RSS growth
 of a forked child that builds and trains one variant alone), the time inside ``optimizer.step()`` alone
 (where the guard does its work, resolved far below whole-step noise), the cost of one rollback snapshot
@@ -55,6 +59,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import describe_machine, load_average, machine_info, markdown_table, median
+from _step_call import compare as compare_step_calls
 
 UNGUARDED = "unguarded"
 GUARD_PRESETS = {"nanguard safe (default)": "safe", "nanguard fast": "fast", "nanguard forensic": "forensic"}
@@ -421,7 +426,7 @@ def timing_rows(runs: list[Run]) -> list[dict[str, Any]]:
             if run.guard is not None:
                 summary = run.guard.summary()
                 activity = {k: summary[k] for k in ("steps", "skipped", "clipped", "rollbacks", "events")}
-                activity["mode"] = "device (no sync)" if run.guard.device_mode else "sync (one per step)"
+                activity["mode"] = "device (no sync)" if run.guard.device_mode else "host (one read per step)"
                 row["guard"] = activity
             rows.append(row)
     return rows
@@ -680,6 +685,9 @@ def format_report(result: dict[str, Any]) -> str:
             "variants in rotation, one call at a time. The guard's forward pre-hook and `backward` hook run outside the "
             "call and are not counted here; on a GPU the call's host time can overlap the device's work."]
 
+    if result.get("baseline"):
+        out += _baseline_section(result["baseline"])
+
     snap_rows = []
     for row in result["snapshots"]:
         amortised = ", ".join(f"{name} (every {row['intervals'][name]}): {100 * value:.3f}%" for name, value in row["amortised"].items())
@@ -706,6 +714,23 @@ def format_report(result: dict[str, Any]) -> str:
             "median faulty `optimizer.step()` + `guard.flush()` minus the median of the same call on normal steps; step-time = "
             "a normal guarded forward + backward + step."]
     return "\n".join(out)
+
+
+def _baseline_section(rows: list[dict[str, Any]]) -> list[str]:
+    table = []
+    for kind in dict.fromkeys(r["optimizer"] for r in rows):
+        pair = {r["tree"]: r for r in rows if r["optimizer"] == kind}
+        before, after = pair["baseline"], pair["this tree"]
+        table.append([OPTIMIZERS[kind], f"{before['added_ms']:+.3f}", f"{after['added_ms']:+.3f}",
+                      f"{after['added_ms'] / before['added_ms']:.2f}x" if before["added_ms"] > 0 else "n/a",
+                      f"{before['unguarded_ms']:.3f} / {after['unguarded_ms']:.3f}", ", ".join(f"{v:+.3f}" for v in after["rounds"])])
+    paths = sorted({r["path"] for r in rows})
+    return ["", "## Time inside optimizer.step(): before and after", "",
+            markdown_table(["optimizer", "baseline: added ms", "this tree: added ms", "after / before",
+                            "unguarded ms (baseline / this tree workers)", "this tree, per round"], table),
+            "", "Each cell: the median over interleaved rounds of one worker process's median added time (guarded minus "
+            "unguarded `optimizer.step()`, one call at a time, `safe` preset, past the spike warm-up). nanguard trees: "
+            + ", ".join(f"`{p}`" for p in paths) + "."]
 
 
 # ---------------------------------------------------------------------------------------------- preflight
@@ -769,6 +794,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="AdamW kinds to measure (default both; one halves the memory the script needs)")
     parser.add_argument("--layers", type=int, help="override the shape's number of layers")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    parser.add_argument("--baseline", type=Path, help="src folder of another nanguard tree: also time optimizer.step() "
+                        "for it and this tree side by side (CPU, --shape small)")
+    parser.add_argument("--baseline-rounds", type=int, default=5, help="interleaved rounds of the --baseline comparison")
     args = parser.parse_args(argv)
     for name in ("rounds", "block", "batch", "seq", "threads", "layers"):
         value = getattr(args, name)
@@ -836,6 +864,11 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         progress("forensic replay")
         replay = [replay_row(kind, settings, out_root) for kind in settings.optimizers]
+        baseline = None
+        if args.baseline is not None:
+            baseline = compare_step_calls(args.baseline.resolve(), settings.optimizers, rounds=2 if settings.quick else args.baseline_rounds,
+                                          samples=settings.step_call_samples * (1 if settings.quick else 3),
+                                          warmup=settings.guard_warmup, shape_name=settings.shape_name, progress=progress)
         progress("done")
     result = {
         "command": command, "machine": {**machine_info(), "load_average_start": load_at_start}, "parameters": parameters,
@@ -843,7 +876,7 @@ def main(argv: list[str] | None = None) -> int:
                      "skipped_variants": [v for v in VARIANTS if v not in variants]},
         "timing": timing, "step_calls": step_calls,
         "memory": {"method": memory_method, "rows": [{"variant": v, "optimizer": k, **m} for (v, k), m in memory.items()]},
-        "snapshots": snapshots, "replay": replay,
+        "snapshots": snapshots, "replay": replay, "baseline": baseline,
     }
     print(format_report(result))
     if DEBUG_UO not in variants:

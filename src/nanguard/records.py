@@ -105,7 +105,8 @@ class EventLog:
 
 
 class HistoryLog:
-    """Writes ``history.csv``; buffered, flushed every ``flush_every`` rows and on close."""
+    """Writes ``history.csv`` in batches: rows are kept as they come and formatted and written every
+    ``flush_every`` rows, before each event, and on close (the hot path only appends a row)."""
 
     def __init__(self, path: str | os.PathLike[str], flush_every: int = 50) -> None:
         self.path = Path(path)
@@ -113,20 +114,27 @@ class HistoryLog:
         self._file = open(self.path, "w", newline="", encoding="utf-8")  # noqa: SIM115
         self._writer = csv.writer(self._file)
         self._writer.writerow(HISTORY_COLUMNS)
-        self._pending = 0
+        self._rows: list[dict[str, Any]] = []
         self._flush_every = flush_every
 
     def on_step(self, row: dict[str, Any]) -> None:
-        self._writer.writerow([_format_cell(row.get(column)) for column in HISTORY_COLUMNS])
-        self._pending += 1
-        if self._pending >= self._flush_every:
-            self._file.flush()
-            self._pending = 0
+        self._rows.append(row)
+        if len(self._rows) >= self._flush_every:
+            self.flush()
 
-    def on_event(self, event: dict[str, Any]) -> None:
+    def flush(self) -> None:
+        if self._file.closed:
+            return
+        for row in self._rows:
+            self._writer.writerow([_format_cell(row.get(column)) for column in HISTORY_COLUMNS])
+        self._rows.clear()
         self._file.flush()
 
+    def on_event(self, event: dict[str, Any]) -> None:
+        self.flush()
+
     def close(self, summary: dict[str, Any] | None = None) -> None:
+        self.flush()
         if not self._file.closed:
             self._file.close()
 

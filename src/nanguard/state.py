@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from nanguard.distributed import is_dtensor
+from nanguard.step.norms import simple
 
 
 @dataclass(frozen=True)
@@ -76,16 +77,26 @@ class Subjects:
     models: list[torch.nn.Module] = field(default_factory=list)
     scaler: Any = None
     scheduler: Any = None
-    _params: tuple[int, list[torch.Tensor]] | None = field(default=None, repr=False)
+    _params: tuple[int, list[torch.Tensor], bool] | None = field(default=None, repr=False)
 
     def params(self) -> list[torch.Tensor]:
         """The optimizer's parameters, in param-group order (cached until a group gains parameters)."""
+        return self._param_cache()[1]
+
+    @property
+    def simple(self) -> bool:
+        """Plain tensors on one device, of one dtype (so are their gradients): one fused norm covers them."""
+        return self._param_cache()[2]
+
+    def _param_cache(self) -> tuple[int, list[torch.Tensor], bool]:
         if self.optimizer is None:
-            return []
-        count = sum(len(g["params"]) for g in self.optimizer.param_groups)
+            return (0, [], False)
+        groups = self.optimizer.param_groups
+        count = sum(len(g["params"]) for g in groups) if len(groups) > 1 else len(groups[0]["params"])
         if self._params is None or self._params[0] != count:
-            self._params = (count, [p for g in self.optimizer.param_groups for p in g["params"]])
-        return self._params[1]
+            params = [p for g in groups for p in g["params"]]
+            self._params = (count, params, bool(params) and simple(params))
+        return self._params
 
     @property
     def scaler_enabled(self) -> bool:

@@ -23,6 +23,7 @@ from nanguard.step.verdict import (
     as_float32,
     decode,
     device_found,
+    upper_bounds,
 )
 from tests.conftest import read_events
 from tests.guard.helpers import make_mlp
@@ -37,7 +38,8 @@ def test_host_decodes_exactly_what_the_device_decided(loss, norm, weights, loss_
     layout = (LOSS, NORM, WEIGHTS, SCALER_FOUND)
     limits = Limits.of(loss_limit, grad_limit, FLOAT32_MAX)
     vector = torch.tensor([loss, norm, weights, found], dtype=torch.float32)
-    device = bool(device_found(vector, layout, limits, has_loss=True))
+    upper = torch.tensor(upper_bounds(layout, limits, has_loss=True))
+    device = bool(device_found(vector, upper, torch.full((4,), -FLOAT32_MAX)))
     verdict = decode(0, vector.tolist(), Reading(layout), limits, has_loss=True, scaler_enabled=True)
     assert device == (verdict.bad or verdict.scaler_overflow)
 

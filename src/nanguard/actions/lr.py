@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import weakref
 from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -60,22 +58,23 @@ class LearningRate:
         if self.multiplier < 1.0:
             self.multiplier = min(1.0, self.multiplier * self._restore_factor)
 
-    @contextmanager
-    def applied_to(self, step: int) -> Iterator[None]:
-        """Scale every group's LR by the multiplier for the duration of one real update, then put it back."""
+    def apply(self, step: int) -> list[Any] | None:
+        """Scale every group's LR by the multiplier for one real update; pass the result to :meth:`restore`."""
         groups = self.optimizer.param_groups
+        first = groups[0]["lr"] if groups else None
+        if first is not None and not isinstance(first, torch.Tensor):
+            self.applied.append((step, float(first) * self.multiplier))
+        if self.multiplier == 1.0:
+            return None
         saved = [group["lr"] for group in groups]
-        if saved and not isinstance(saved[0], torch.Tensor):
-            self.applied.append((step, float(saved[0]) * self.multiplier))
-        if self.multiplier != 1.0:
-            for group in groups:
-                group["lr"] = group["lr"] * self.multiplier
-        try:
-            yield
-        finally:
-            if self.multiplier != 1.0:
-                for group, lr in zip(groups, saved, strict=False):
-                    group["lr"] = lr
+        for group in groups:
+            group["lr"] = group["lr"] * self.multiplier
+        return saved
+
+    def restore(self, saved: list[Any] | None) -> None:
+        if saved is not None:
+            for group, lr in zip(self.optimizer.param_groups, saved, strict=False):
+                group["lr"] = lr
 
     def current(self) -> float | None:
         """The learning rate the next update would use (the schedule's value times the multiplier)."""

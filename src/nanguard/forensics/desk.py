@@ -56,13 +56,6 @@ class Case:
     lockstep: bool = False  # every rank is deciding this step together (collectives are allowed)
 
 
-@dataclass
-class _GoodBatch:
-    calls: list[ForwardCall]
-    closure: StepCapture | None
-    loss: float
-
-
 class Desk:
     """The forensics budget and the diagnosis of bad steps (see the module docstring)."""
 
@@ -73,7 +66,7 @@ class Desk:
         self.detector = detector
         self.wrappers = list(wrappers)
         self.investigations = 0
-        self._good: _GoodBatch | None = None
+        self._good: tuple[list[ForwardCall], StepCapture | None, float] | None = None  # the last good batch
 
     # ------------------------------------------------------------------ budget
     def fund(self, case: Case) -> bool:
@@ -99,7 +92,7 @@ class Desk:
     def remember_good(self, calls: list[ForwardCall], closure: StepCapture | None, loss: float | None) -> None:
         """The last step that went well: what the previous-batch check re-runs (references only)."""
         if loss is not None:
-            self._good = _GoodBatch(calls, closure, loss)
+            self._good = (calls, closure, loss)
 
     @contextlib.contextmanager
     def replay_scope(self) -> Iterator[None]:
@@ -169,9 +162,9 @@ class Desk:
         return bool(answer[0]), answer[1]
 
     def _rerun_good(self) -> tuple[bool, str | None]:
-        good = self._good
-        assert good is not None
-        capture, _, _ = step_capture(good.calls, good.closure, rename=False)
+        assert self._good is not None
+        calls, closure, then = self._good
+        capture, _, _ = step_capture(calls, closure, rename=False)
         if capture is None or capture.rerun is None:
             return False, None
         saved = SavedState.capture(self.subjects, scoped=True)
@@ -185,7 +178,6 @@ class Desk:
             return False, None
         finally:
             saved.restore()
-        then = good.loss
         std = self.detector.loss.std()
         damaged = not math.isfinite(now_value) or (
             then > 0 and now_value > self.config.spikes.loss_ratio * then and now_value - then > 3 * std)

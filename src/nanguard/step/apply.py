@@ -6,11 +6,13 @@ assigned to this guard, the total gradient norm (the number clipping computes), 
 configured cadence, all stacked into one small vector (:mod:`nanguard.step.verdict`) and compared with
 the detector's limits. Then one of two strategies:
 
-* **fused** (an optimizer with ``fused=True``): the decision goes to the optimizer as ``found_inf`` and
-  clipping as ``grad_scale``, exactly as ``torch.amp.GradScaler`` does, so the fused kernel skips or clips
-  with no host sync; the vector is read back asynchronously and the host acts on it when it arrives
-  (at once on a CPU, where reading is free);
-* **sync** (any other optimizer): one read of the vector, then the host calls the real ``step`` or not.
+* **device** (a fused optimizer, ``fused=True``, on a GPU): the decision goes to the optimizer as
+  ``found_inf`` and clipping as ``grad_scale``, exactly as ``torch.amp.GradScaler`` does, so the fused
+  kernel skips or clips with no host sync; the vector is read back asynchronously and the host acts on
+  it when it arrives;
+* **host** (any other optimizer, and any optimizer on a CPU, where reading the vector costs nothing): one
+  read of the vector, then the host calls the real ``step`` or not; clipping goes to a fused kernel as
+  ``grad_scale`` and to any other optimizer as one in-place multiply of the gradients.
 
 The pipeline also receives what happens between steps: each watched forward call (recorded for a
 replay, and a sample of the batch's scale), each ``backward()`` that belongs to this guard, and the
@@ -35,10 +37,9 @@ from nanguard.forensics.request import StepCapture
 from nanguard.state import RngState
 from nanguard.step import lockstep
 from nanguard.step.losses import BOOK
-from nanguard.step.norms import all_finite, scale_grads_, total_norm
-from nanguard.step.readback import DeviceReadback
+from nanguard.step.norms import all_finite, per_tensor_norms, scale_grads_, total_norm
+from nanguard.step.readback import DeviceReadback, Uploads
 from nanguard.step.verdict import (
-    COEF,
     FLOAT32_MAX,
     LOSS,
     LOSS_SCALE,
@@ -49,9 +50,11 @@ from nanguard.step.verdict import (
     Reading,
     Verdict,
     decode,
-    device_clip_coef,
+    device_clip_scale,
     device_found,
     encode,
+    read_on_host,
+    upper_bounds,
 )
 
 
@@ -87,6 +90,7 @@ class StepPipeline:
         self.inputs = StepInputs()
         self.readback: DeviceReadback[_Pending] = DeviceReadback()
         self.scales: DeviceReadback[list[str]] = DeviceReadback()
+        self.uploads = Uploads()
         self._scale_sampled = -1
         self._dispatched = -1  # the last step whose fused update went to the device
         self._device_mode: bool | None = None
@@ -96,14 +100,18 @@ class StepPipeline:
     # ------------------------------------------------------------------ mode
     @property
     def device_mode(self) -> bool:
-        """Decided at the first step: a subclass sets ``fused`` support after ``Optimizer.__init__`` returns."""
+        """Whether the device decides (see the module docstring). Decided at the first step: a subclass sets
+        ``fused`` support after ``Optimizer.__init__`` returns. ``sync_mode="device"`` forces it on a CPU too."""
         if self._device_mode is None:
-            fused = is_fused(self.parts.subjects.optimizer)  # type: ignore[arg-type]
+            optimizer = self.parts.subjects.optimizer
+            fused = is_fused(optimizer)  # type: ignore[arg-type]
             mode = self.parts.config.sync_mode
             if mode == "device" and not fused:
                 warnings.warn("nanguard: sync_mode='device' needs a fused optimizer (fused=True); using one sync per step",
                               stacklevel=3)
-            self._device_mode = fused and mode in ("auto", "device")
+            params = self.parts.subjects.params()
+            on_gpu = bool(params) and params[0].device.type == "cuda"
+            self._device_mode = fused and (mode == "device" or (mode == "auto" and (on_gpu or self.defer_host_verdict)))
         return self._device_mode
 
     # ------------------------------------------------------------------ between steps
@@ -117,7 +125,10 @@ class StepPipeline:
             if names:
                 with torch.no_grad():
                     amax = torch.stack([named[n].detach().abs().amax().float() for n in names])
-                self.scales.push(step, amax, names)
+                if amax.device.type == "cpu":  # already on the host: fold it now, outside optimizer.step()
+                    self.parts.detector.note_batch_scale(step, dict(zip(names, amax.tolist(), strict=True)))
+                else:
+                    self.scales.push(step, amax, names)
 
     def on_forward_end(self, module: torch.nn.Module, output: Any) -> None:
         self.recorder.on_forward_end(module, output)
@@ -149,7 +160,8 @@ class StepPipeline:
         if self.closed or self.responder.aborted or isinstance(optimizer, torch.optim.LBFGS):
             # LBFGS re-evaluates its closure inside step(); it cannot take a verdict from outside.
             return original(*args, **kwargs)
-        closure = kwargs.get("closure") if "closure" in kwargs else (args[0] if args and callable(args[0]) else None)
+        closure = (kwargs.get("closure") if "closure" in kwargs else (args[0] if args and callable(args[0]) else None)) \
+            if args or kwargs else None
         closure_loss = None
         if closure is not None and self.inputs.closure is None:
             # optimizer.step(closure): run it here, once, so the step stays replayable.
@@ -167,35 +179,47 @@ class StepPipeline:
         inputs, calls, loss, has_loss = self._take_inputs()
         self.on_step_start(step)
         distributed = dist_utils.is_distributed()
-        self.process(until=step - 1 if self.device_mode and distributed else None)
-        if self.responder.forced_skip(step):
+        if len(self.readback) or len(self.scales):
+            self.process(until=step - 1 if self.device_mode and distributed else None)
+        if self.responder.forced_skips and self.responder.forced_skip(step):
             return closure_loss
         context = StepContext(step, self.parts.detector.limits(), has_loss, calls, inputs.closure, lockstep=distributed)
         result = self._decide(context, original, args, kwargs, loss, inputs)
         return closure_loss if closure_loss is not None else result
 
     def _signals(self, context: StepContext, loss: torch.Tensor | None,
-                 inputs: StepInputs) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], Limits, bool]:
-        """The step's device scalars (by name), its gradients, the limits in force, and whether weights are checked."""
+                 inputs: StepInputs) -> tuple[dict[str, Any], list[torch.Tensor], Limits, bool]:
+        """The step's device scalars (by name), its gradients, the limits in force, and whether weights are checked.
+
+        On the host path in a single process the total gradient norm is left to the host (``NORM`` holds the
+        per-tensor norms, see :func:`~nanguard.step.verdict.read_on_host`): two kernels fewer per step.
+        """
         subjects, cfg = self.parts.subjects, self.parts.config
         params = subjects.params()
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [g for g in [p.grad for p in params] if g is not None]
         device = grads[0].device if grads else (params[0].device if params else torch.device("cpu"))
         optimizer = subjects.optimizer
         grad_scale = getattr(optimizer, "grad_scale", None)
         user = inputs.user_norm
         user_clipped = user is not None and user[0] >= len(grads) and grad_scale is None
-        norm = user[1].float().to(device) if user is not None and user_clipped else total_norm(grads, device)
-        if grad_scale is not None:
-            norm = norm / grad_scale.float().to(device)
+        plain = subjects.simple
+        norm: Any
+        if user is not None and user_clipped:
+            norm = user[1].float().to(device)
+        elif plain and grads and not context.lockstep and grad_scale is None and not self.device_mode:
+            norm = per_tensor_norms(grads)
+        else:
+            norm = total_norm(grads, device, plain=plain)
+            if grad_scale is not None:
+                norm = norm / grad_scale.float().to(device)
         limits = context.limits
         if user_clipped and limits.clips:
             # The script clipped already: its gradients are no longer what ``norm`` measured. Clip nothing more.
             limits = replace(limits, clip=FLOAT32_MAX)
-        parts: dict[str, torch.Tensor] = {LOSS: loss if loss is not None else torch.zeros((), device=device), NORM: norm}
+        parts: dict[str, Any] = {LOSS: loss if loss is not None else torch.zeros((), device=device), NORM: norm}
         check = bool(cfg.check_weights_every) and context.step % cfg.check_weights_every == 0 and bool(params)
         if check:
-            parts[WEIGHTS] = total_norm(params, device)
+            parts[WEIGHTS] = total_norm(params, device, plain=plain)
         if subjects.scaler_enabled:
             found_inf = getattr(optimizer, "found_inf", None)
             if isinstance(found_inf, torch.Tensor):
@@ -214,48 +238,74 @@ class StepPipeline:
         return self._sync(context, original, (args, kwargs), parts, grads, check)
 
     def _sync(self, context: StepContext, original: Callable[..., Any], call: tuple[tuple[Any, ...], dict[str, Any]],
-              parts: dict[str, torch.Tensor], grads: list[torch.Tensor], check: bool) -> Any:
-        layout, vector = encode(parts)
-        rows = lockstep.gather(vector)
-        values = rows.reshape(-1).tolist()  # the one synchronisation of this step
-        verdict = self._decode(context, values, Reading(layout, rows.shape[0]))
+              parts: dict[str, Any], grads: list[torch.Tensor], check: bool) -> Any:
+        if isinstance(parts[NORM], list):
+            layout, values, world = *read_on_host(parts), 1  # the one read of this step
+        else:
+            layout, vector = encode(parts)
+            rows = lockstep.gather(vector) if context.lockstep else vector
+            values, world = rows.reshape(-1).tolist(), (rows.shape[0] if rows.dim() == 2 else 1)
+        verdict = self._decode(context, values, Reading(layout, world))
         if verdict.bad:
             self.responder.on_bad(verdict, context)
             return None
         if verdict.scaler_overflow:
             self.responder.on_scaler_overflow(verdict)
             return None
-        if verdict.clipped:
-            scale_grads_(grads, verdict.clip_coef)
-        with self.parts.lr.applied_to(context.step):
-            result = original(*call[0], **call[1])
-        params = self.parts.subjects.params()
-        if check and not bool(all_finite(params)):
+        result = self._apply(verdict, original, call, grads)
+        if check and not bool(all_finite(self.parts.subjects.params())):
             self.responder.on_bad(verdict.with_post_weights_bad(), context, update_applied=True)
-            return result
-        self.responder.on_good(verdict, context)
+        else:
+            self.responder.on_good(verdict, context)
         return result
+
+    def _apply(self, verdict: Verdict, original: Callable[..., Any], call: tuple[tuple[Any, ...], dict[str, Any]],
+               grads: list[torch.Tensor]) -> Any:
+        """Call the real step on the host path: the LR multiplier around it, clipping into a fused kernel's
+        ``grad_scale`` or, for any other optimizer, by one in-place multiply of the gradients."""
+        optimizer = self.parts.subjects.optimizer
+        fused = is_fused(optimizer)  # type: ignore[arg-type]
+        base_scale = getattr(optimizer, "grad_scale", None)
+        if verdict.clipped and fused:
+            clip = torch.tensor(1.0 / verdict.clip_coef, device=grads[0].device)
+            optimizer.grad_scale = clip * base_scale.float() if isinstance(base_scale, torch.Tensor) else clip  # type: ignore[union-attr]
+        elif verdict.clipped:
+            scale_grads_(grads, verdict.clip_coef)
+        lr = self.parts.lr
+        saved_lr = lr.apply(verdict.step)
+        try:
+            return original(*call[0], **call[1])
+        finally:
+            lr.restore(saved_lr)
+            if verdict.clipped and fused:
+                if base_scale is None:
+                    delattr(optimizer, "grad_scale")
+                else:
+                    optimizer.grad_scale = base_scale  # type: ignore[union-attr]
 
     def _fused(self, context: StepContext, original: Callable[..., Any], call: tuple[tuple[Any, ...], dict[str, Any]],
                parts: dict[str, torch.Tensor], check: bool) -> Any:
         optimizer = self.parts.subjects.optimizer
         limits = context.limits
-        coef = device_clip_coef(parts[NORM], limits.clip) if limits.clips else None
-        if coef is not None:
-            parts[COEF] = coef
         layout, vector = encode(parts)
         rows = lockstep.gather(vector) if context.lockstep else vector
-        found = device_found(rows, layout, limits, has_loss=context.has_loss)
+        device = vector.device
+        upper = self.uploads.send(upper_bounds(layout, limits, has_loss=context.has_loss), device)
+        found = device_found(rows, upper, self.uploads.constant(-FLOAT32_MAX, len(layout), device))
         saved = {name: getattr(optimizer, name) for name in ("grad_scale", "found_inf") if hasattr(optimizer, name)}
         optimizer.found_inf = found  # type: ignore[union-attr]
-        if coef is not None:
+        if limits.clips:
             # Clipping folded into the fused kernel's unscale: grads / (grad_scale / coef) == grads * coef / grad_scale.
+            # The host computes the same coefficient from the norm it reads back.
+            scale = device_clip_scale(parts[NORM], limits.clip)
             base = saved.get("grad_scale")
-            optimizer.grad_scale = (base.float() if isinstance(base, torch.Tensor) else 1.0) / coef  # type: ignore[union-attr]
+            optimizer.grad_scale = scale * base.float() if isinstance(base, torch.Tensor) else scale  # type: ignore[union-attr]
+        lr = self.parts.lr
+        saved_lr = lr.apply(context.step)
         try:
-            with self.parts.lr.applied_to(context.step):
-                result = original(*call[0], **call[1])
+            result = original(*call[0], **call[1])
         finally:
+            lr.restore(saved_lr)
             for name in ("grad_scale", "found_inf"):
                 if name in saved:
                     setattr(optimizer, name, saved[name])
@@ -263,12 +313,16 @@ class StepPipeline:
                     delattr(optimizer, name)
         self._dispatched = context.step
         world = rows.shape[0] if rows.dim() == 2 else 1
-        vector = rows.reshape(-1)
+        vector = rows.reshape(-1) if rows.dim() != 1 else rows
         if check:  # the weights after the update travel at the end of the vector
             vector = torch.cat([vector, total_norm(self.parts.subjects.params()).reshape(1).to(vector.device)])
-        self.readback.push(context.step, vector, _Pending(context, Reading(layout, world, check)))
-        if rows.device.type != "cuda" and not self.defer_host_verdict:
-            self.process()  # reading a CPU tensor costs nothing: act at once
+        pending = _Pending(context, Reading(layout, world, check))
+        if vector.device.type == "cpu" and not self.defer_host_verdict and not len(self.readback):
+            self._act(pending, vector.tolist(), pre_step=True)  # reading a CPU tensor costs nothing: act at once
+        else:
+            self.readback.push(context.step, vector, pending)
+            if vector.device.type != "cuda" and not self.defer_host_verdict:
+                self.process()
         return result
 
     def _decode(self, context: StepContext, values: list[float], reading: Reading) -> Verdict:
@@ -282,17 +336,19 @@ class StepPipeline:
         for scale in self.scales.poll(wait=wait):
             self.parts.detector.note_batch_scale(scale.step, dict(zip(scale.context, scale.values(), strict=False)))
         for item in self.readback.poll(wait=wait or until is not None, until=until):
-            pending = item.context
-            verdict = self._decode(pending.context, item.values(), pending.reading)
-            pre_step = item.step >= self._dispatched  # no later update has reached the weights
-            if verdict.bad:
-                self.responder.on_bad(verdict, pending.context, state_is_pre_step=pre_step)
-            elif verdict.post_weights_bad:
-                self.responder.on_bad(verdict, pending.context, update_applied=True)
-            elif verdict.scaler_overflow:
-                self.responder.on_scaler_overflow(verdict)
-            else:
-                self.responder.on_good(verdict, pending.context)
+            self._act(item.context, item.values(), pre_step=item.step >= self._dispatched)
+
+    def _act(self, pending: _Pending, values: list[float], pre_step: bool) -> None:
+        """Hand a fused step's verdict on. ``pre_step``: no later update has reached the weights since."""
+        verdict = self._decode(pending.context, values, pending.reading)
+        if verdict.bad:
+            self.responder.on_bad(verdict, pending.context, state_is_pre_step=pre_step)
+        elif verdict.post_weights_bad:
+            self.responder.on_bad(verdict, pending.context, update_applied=True)
+        elif verdict.scaler_overflow:
+            self.responder.on_scaler_overflow(verdict)
+        else:
+            self.responder.on_good(verdict, pending.context)
 
     # ------------------------------------------------------------------ GradScaler
     def on_scaler_step(self, scaler: Any, call: Callable[[], Any]) -> Any:

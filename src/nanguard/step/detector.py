@@ -107,8 +107,15 @@ class Detector:
         self.grad_history: deque[float] = deque(maxlen=HISTORY)
         # Per batch field: (step, abs-max) of recent batches; a step's own batch is left out when judging it.
         self.batch_scales: dict[str, deque[tuple[int, float]]] = {}
+        self._limits: Limits | None = None  # computed once per change of the statistics
 
     def limits(self) -> Limits:
+        """The limits in force for the next step."""
+        if self._limits is None:
+            self._limits = self._compute_limits()
+        return self._limits
+
+    def _compute_limits(self) -> Limits:
         spikes = self.config.spikes
         loss_limit = grad_limit = clip = math.inf
         if spikes.enabled:
@@ -125,6 +132,7 @@ class Detector:
         the gradient statistics never learn from a GradScaler overflow."""
         if not accepted:
             return
+        self._limits = None
         if verdict.loss is not None:
             self.loss.update(verdict.loss)
             self.loss_history.append(verdict.loss)
@@ -163,6 +171,7 @@ class Detector:
                 "loss_history": list(self.loss_history), "grad_history": list(self.grad_history)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._limits = None
         self.loss.load_state_dict(state["loss"])
         self.grad.load_state_dict(state["grad"])
         self.loss_history.clear()

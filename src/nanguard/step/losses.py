@@ -140,10 +140,15 @@ class LossBook:
     def take(self, owner: Owner) -> tuple[torch.Tensor | None, bool]:
         """The summed loss of the entries that belong to ``owner`` (removed), and whether there were any."""
         with self._lock:
-            mine = [e for e in self._pending if owner in e.owners]
-            if not mine:
+            if not self._pending:
                 return None, False
-            self._pending = [e for e in self._pending if owner not in e.owners]
+            if len(self._owners) == 1 and self._owners[0] is owner:
+                mine, self._pending = self._pending, []
+            else:
+                mine = [e for e in self._pending if owner in e.owners]
+                if not mine:
+                    return None, False
+                self._pending = [e for e in self._pending if owner not in e.owners]
         values = [e.value for e in mine if e.value is not None]
         if not values:
             return None, True

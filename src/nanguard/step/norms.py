@@ -29,10 +29,12 @@ def _foreach_norms_fp32(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
             return list(torch._foreach_norm(tensors, 2, dtype=torch.float32))  # type: ignore[call-arg]
         except TypeError:  # torch without the dtype argument
             return [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]
-    return [n.float() for n in torch._foreach_norm(tensors, 2)]
+    norms = torch._foreach_norm(tensors, 2)
+    return list(norms) if tensors[0].dtype == torch.float32 else [n.float() for n in norms]
 
 
-def total_norm(tensors: Sequence[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
+def total_norm(tensors: Sequence[torch.Tensor], device: torch.device | None = None, *,
+               plain: bool | None = None) -> torch.Tensor:
     """The L2 norm of all ``tensors`` together, in float32, on ``device`` (default: the first tensor's).
 
     This is the quantity gradient clipping computes; it is non-finite exactly when some element is
@@ -41,14 +43,15 @@ def total_norm(tensors: Sequence[torch.Tensor], device: torch.device | None = No
     Sharded tensors (FSDP2 ``DTensor`` gradients) give the norm of the whole, unsharded tensor:
     sqrt of the sum over ranks of the local shards' squares. That reduction is one collective per
     device mesh, so under FSDP every rank must call this at the same point (the guard does, once a step).
+    ``plain``: the caller knows whether the tensors are plain and on one device (skips the check).
     """
     if not tensors:
         return torch.zeros((), dtype=torch.float32, device=device or "cpu")
-    if simple(tensors) and (device is None or device == tensors[0].device):
-        # The common case, in three kernels: per-tensor norms (float32 accumulation), stack, norm.
+    if (plain if plain is not None else simple(tensors)) and (device is None or device == tensors[0].device):
+        # The common case, in three kernels: per-tensor norms (accumulated in float32), stack, norm.
         with torch.no_grad():
-            norms_fp32 = torch._foreach_norm(list(tensors), 2, dtype=torch.float32)  # type: ignore[call-arg]
-            return torch.linalg.vector_norm(torch.stack(norms_fp32)) if len(norms_fp32) > 1 else norms_fp32[0]
+            per_tensor = _foreach_norms_fp32(list(tensors))
+            return torch.linalg.vector_norm(torch.stack(per_tensor)) if len(per_tensor) > 1 else per_tensor[0]
     target = device or _local_device(tensors[0])
     norms: list[torch.Tensor] = []
     for (_, dev, _), group in _grouped_by_mesh(t.detach() for t in tensors).items():
@@ -56,6 +59,12 @@ def total_norm(tensors: Sequence[torch.Tensor], device: torch.device | None = No
         group_norm = materialize(torch.linalg.vector_norm(torch.stack(per_tensor)) if len(per_tensor) > 1 else per_tensor[0])
         norms.append(group_norm.float().to(target, non_blocking=dev != target))
     return torch.linalg.vector_norm(torch.stack(norms)) if len(norms) > 1 else norms[0]
+
+
+def per_tensor_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor's L2 norm (float32 scalars), in one fused kernel; plain tensors on one device that do not
+    require grad (gradients) only."""
+    return _foreach_norms_fp32(tensors)
 
 
 def simple(tensors: Sequence[torch.Tensor]) -> bool:

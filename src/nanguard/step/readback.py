@@ -45,7 +45,8 @@ class DeviceReadback(Generic[T]):
         return pool.pop() if pool else torch.empty(numel, dtype=torch.float32, pin_memory=True)
 
     def push(self, step: int, vector: torch.Tensor, context: T) -> None:
-        vector = vector.detach().reshape(-1)
+        if vector.dim() != 1:
+            vector = vector.reshape(-1)
         if vector.device.type == "cuda":
             host = self._pinned(vector.numel())
             host.copy_(vector, non_blocking=True)
@@ -86,4 +87,37 @@ class DeviceReadback(Generic[T]):
         return len(self._pending)
 
 
-__all__ = ["DeviceReadback", "Item"]
+class Uploads:
+    """Small host vectors (per-step limits) sent to the device without a sync: through a pool of pinned
+    buffers, each reused only once its copy has completed. On a CPU a new tensor is all it takes."""
+
+    def __init__(self) -> None:
+        self._pool: list[tuple[torch.Tensor, Any]] = []
+        self._constants: dict[tuple[float, int, torch.device], torch.Tensor] = {}
+
+    def send(self, values: list[float], device: torch.device) -> torch.Tensor:
+        if device.type != "cuda":
+            return torch.tensor(values, dtype=torch.float32, device=device)
+        host = next((buf for buf, event in self._pool if buf.numel() == len(values) and event.query()), None)
+        if host is None:
+            host = torch.empty(len(values), dtype=torch.float32, pin_memory=True)
+            if len(self._pool) >= 16:
+                self._pool.pop(0)
+        else:
+            self._pool = [(b, e) for b, e in self._pool if b is not host]
+        host.numpy()[:] = values
+        out = host.to(device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pool.append((host, event))
+        return out
+
+    def constant(self, value: float, numel: int, device: torch.device) -> torch.Tensor:
+        """A vector of one repeated value, made once per (value, length, device)."""
+        key = (value, numel, device)
+        if key not in self._constants:
+            self._constants[key] = torch.full((numel,), value, dtype=torch.float32, device=device)
+        return self._constants[key]
+
+
+__all__ = ["DeviceReadback", "Item", "Uploads"]

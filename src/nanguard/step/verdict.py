@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -60,29 +61,49 @@ def clip_coef(norm: float, limit: float) -> float:
 def encode(parts: dict[str, torch.Tensor]) -> tuple[Layout, torch.Tensor]:
     """Stack the step's device scalars into one float32 vector (one op); returns its layout."""
     layout = tuple(parts)
-    return layout, torch.stack([t.reshape(()).float() for t in parts.values()])
+    values = [t if t.dim() == 0 and t.dtype == torch.float32 else t.reshape(()).float() for t in parts.values()]
+    return layout, torch.stack(values)
 
 
-def device_found(vector: torch.Tensor, layout: Layout, limits: Limits, *, has_loss: bool) -> torch.Tensor:
+def read_on_host(parts: dict[str, Any]) -> tuple[Layout, list[float]]:
+    """One read of the step's scalars, where ``parts[NORM]`` is the list of per-tensor gradient norms: the total
+    norm is summed here in double precision (as torch sums float32 on a CPU) and, like a float32 result,
+    reads inf above float32's range. Returns the layout and the values as :func:`encode` would have them."""
+    norms = parts[NORM]
+    others = [name for name in parts if name not in (LOSS, NORM)]
+    values = torch.stack([parts[LOSS], *norms, *(parts[name].reshape(()).float() for name in others)]).tolist()
+    total = math.hypot(*values[1:1 + len(norms)])  # NaN or inf when any norm is (inf wins over NaN: both are bad)
+    if total > FLOAT32_MAX:
+        total = math.inf
+    return (LOSS, NORM, *others), [values[0], total, *values[1 + len(norms):]]
+
+
+def upper_bounds(layout: Layout, limits: Limits, *, has_loss: bool) -> list[float]:
+    """Per entry of the vector, the largest value that lets the update through (the host's rule, as numbers)."""
+    bounds = [FLOAT32_MAX] * len(layout)
+    if has_loss:
+        bounds[0] = limits.loss
+    bounds[1] = limits.grad
+    if SCALER_FOUND in layout:
+        bounds[layout.index(SCALER_FOUND)] = 0.0
+    return bounds
+
+
+def device_found(vector: torch.Tensor, upper: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
     """On the device, 1.0 where the step must not be applied (what a fused optimizer's ``found_inf`` wants).
 
     ``vector`` is one rank's vector or the ``[world, len]`` matrix of all ranks: any rank's fault stops
-    every rank. A GradScaler's own overflow also stops the update (it skips the step, as it would anyway).
+    every rank. An entry is a fault when it is NaN, infinite, or above its bound from :func:`upper_bounds`
+    (``lower`` is ``-FLOAT32_MAX``): clamping changes exactly those entries, so one clamp and one comparison
+    decide, in four small kernels and no sync. A GradScaler's own overflow (its ``found_inf`` above 0) also
+    stops the update, as the scaler would have.
     """
-    rows = vector if vector.dim() == 2 else vector.unsqueeze(0)
-    bad = ~torch.isfinite(rows).all()
-    if has_loss and limits.loss < FLOAT32_MAX:
-        bad = bad | (rows[:, 0] > limits.loss).any()
-    if limits.grad < FLOAT32_MAX:
-        bad = bad | (rows[:, 1] > limits.grad).any()
-    if SCALER_FOUND in layout:
-        bad = bad | (rows[:, layout.index(SCALER_FOUND)] > 0).any()
-    return bad.float()
+    return (torch.clamp(vector, min=lower, max=upper) != vector).any().float()
 
 
-def device_clip_coef(norm: torch.Tensor, limit: float) -> torch.Tensor:
-    """:func:`clip_coef` in tensor operations, for the fused kernel's ``grad_scale``."""
-    return torch.clamp(limit / (norm + 1e-6), max=1.0)
+def device_clip_scale(norm: torch.Tensor, limit: float) -> torch.Tensor:
+    """1 / :func:`clip_coef` in tensor operations: the factor a fused kernel divides the gradients by."""
+    return torch.clamp((norm + 1e-6) / limit, min=1.0)
 
 
 # ------------------------------------------------------------------------------------- host side
@@ -158,9 +179,11 @@ def _row_flags(row: tuple[float, ...] | list[float], layout: Layout, limits: Lim
     loss, norm = row[0], row[1]
     loss_bad = has_loss and not math.isfinite(loss)
     grad_bad = not math.isfinite(norm)
-    weights_bad = WEIGHTS in layout and not math.isfinite(row[layout.index(WEIGHTS)])
     loss_spike = has_loss and not loss_bad and loss > limits.loss
     grad_spike = not grad_bad and norm > limits.grad
+    if len(layout) == 2:
+        return loss_bad, grad_bad, False, loss_spike, grad_spike, False
+    weights_bad = WEIGHTS in layout and not math.isfinite(row[layout.index(WEIGHTS)])
     scaler_found = SCALER_FOUND in layout and row[layout.index(SCALER_FOUND)] > 0
     return loss_bad, grad_bad, weights_bad, loss_spike, grad_spike, scaler_found
 
@@ -183,25 +206,46 @@ def decode(step: int, values: list[float], reading: Reading, limits: Limits, *, 
     device would have.
     """
     layout, world = reading.layout, reading.world
-    post = not math.isfinite(values[-1]) if reading.post_weights else False
     width = len(layout)
-    rows = [tuple(values[r * width:(r + 1) * width]) for r in range(world)]
-    per_rank = [_row_flags(row, layout, limits, has_loss=has_loss) for row in rows]
-    loss_bad, grad_bad, weights_bad, loss_spike, grad_spike, scaler_found = (any(f[i] for f in per_rank) for i in range(6))
-    overflow = scaler_enabled and ((grad_bad and not loss_bad) or scaler_found)
-    losses = [row[0] for row in rows if not math.isnan(row[0])]
-    loss = (sum(losses) / len(losses) if losses else math.nan) if has_loss else None
+    rows = [values[r * width:(r + 1) * width] for r in range(world)] if world > 1 else [values]
+    flags = [_row_flags(row, layout, limits, has_loss=has_loss) for row in rows]
+    if world > 1:
+        loss_bad, grad_bad, weights_bad, loss_spike, grad_spike, found = (any(f[i] for f in flags) for i in range(6))
+        finite = [row[0] for row in rows if not math.isnan(row[0])]
+        loss: float | None = sum(finite) / len(finite) if finite else math.nan
+    else:
+        loss_bad, grad_bad, weights_bad, loss_spike, grad_spike, found = flags[0]
+        loss = values[0]
+    overflow = scaler_enabled and ((grad_bad and not loss_bad) or found)
     mine = rows[0]
     verdict = Verdict(
-        step=step, loss=loss, grad_norm=mine[1], loss_bad=loss_bad, grad_bad=grad_bad, weights_bad=weights_bad,
-        loss_spike=loss_spike, grad_spike=grad_spike, scaler_overflow=overflow,
+        step=step, loss=loss if has_loss else None, grad_norm=mine[1], loss_bad=loss_bad, grad_bad=grad_bad,
+        weights_bad=weights_bad, loss_spike=loss_spike, grad_spike=grad_spike, scaler_overflow=overflow,
         clip_coef=mine[layout.index(COEF)] if COEF in layout else clip_coef(mine[1], limits.clip),
         loss_scale=mine[layout.index(LOSS_SCALE)] if LOSS_SCALE in layout else None,
-        ranks=tuple(rows) if world > 1 else (), layout=layout, limits=limits,
+        ranks=tuple(tuple(row[:width]) for row in rows) if world > 1 else (), layout=layout, limits=limits,
     )
     # A weight check after an update that was not applied says nothing about the update.
+    post = reading.post_weights and not math.isfinite(values[-1])
     return replace(verdict, post_weights_bad=True) if post and not (verdict.bad or overflow) else verdict
 
-__all__ = ["COEF", "FLOAT32_MAX", "LOSS", "LOSS_SCALE", "NORM", "SCALER_FOUND", "WEIGHTS",
-           "Layout", "Limits", "Reading", "Verdict", "as_float32", "clip_coef", "decode", "device_clip_coef",
-           "device_found", "encode"]
+__all__ = [
+    "COEF",
+    "FLOAT32_MAX",
+    "LOSS",
+    "LOSS_SCALE",
+    "NORM",
+    "SCALER_FOUND",
+    "WEIGHTS",
+    "Layout",
+    "Limits",
+    "Reading",
+    "Verdict",
+    "as_float32",
+    "clip_coef",
+    "decode",
+    "device_clip_scale",
+    "device_found",
+    "encode",
+    "upper_bounds",
+]

@@ -254,51 +254,20 @@ def _backward_cause(f: Facts, birth: Birth, evidence: list[str], fp32_finite: bo
         f"forward of {fwd or '?'} in {mod(birth.module)} was finite; its backward "
         f"({birth.backward_node}) made the {birth.kind}",
     )
+    singular_fix = {"singular_fix": SINGULAR_FIXES.get(fwd or "", "add an eps or clamp the input.")}
     if low and fp32_finite:
-        return make(
-            "backward_overflow",
-            "backward",
-            confidence=0.9,
-            evidence=evidence,
-            op=fwd or birth.op,
-            module=birth.module,
-            reproducible=rep,
-        )
-    singular = (fwd in SINGULAR_BACKWARD_OPS) or has_zero_divisor(birth)
-    if singular and not overflow_like(birth):
-        return make(
-            "backward_singularity",
-            "backward",
-            confidence=0.9,
-            evidence=evidence,
-            op=fwd or birth.op,
-            module=birth.module,
-            reproducible=rep,
-            fix={"singular_fix": SINGULAR_FIXES.get(fwd or "", "add an eps or clamp the input.")},
-        )
-    if overflow_like(birth):
+        cause, confidence, fix = "backward_overflow", 0.9, None
+    elif ((fwd in SINGULAR_BACKWARD_OPS) or has_zero_divisor(birth)) and not overflow_like(birth):
+        cause, confidence, fix = "backward_singularity", 0.9, singular_fix
+    elif overflow_like(birth):
         top = top_grad(f)
         if top:
             evidence.append(top)
-        return make(
-            "gradient_explosion",
-            "backward",
-            confidence=0.75,
-            evidence=evidence,
-            op=fwd or birth.op,
-            module=birth.module,
-            reproducible=rep,
-        )
-    return make(
-        "backward_singularity",
-        "backward",
-        confidence=0.6,
-        evidence=evidence,
-        op=fwd or birth.op,
-        module=birth.module,
-        reproducible=rep,
-        fix={"singular_fix": SINGULAR_FIXES.get(fwd or "", "add an eps or clamp the input.")},
-    )
+        cause, confidence, fix = "gradient_explosion", 0.75, None
+    else:
+        cause, confidence, fix = "backward_singularity", 0.6, singular_fix
+    return make(cause, "backward", confidence=confidence, evidence=evidence, op=fwd or birth.op, module=birth.module,
+                reproducible=rep, fix=fix)
 
 
 def rule_absorbed_forward_nan(f: Facts) -> Diagnosis | None:
