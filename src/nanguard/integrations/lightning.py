@@ -49,6 +49,7 @@ class _GuardCallbackLogic:
         self.guard_kwargs = guard_kwargs
         self.guards: list[IntegrationGuard] = []
         self._restored: list[dict[str, Any]] | None = None
+        self._final: list[dict[str, Any]] = []  # the guards' states when fit ended (a checkpoint saved after fit)
 
     @property
     def guard(self) -> IntegrationGuard | None:
@@ -77,7 +78,7 @@ class _GuardCallbackLogic:
 
     def state_dict(self) -> dict[str, Any]:
         """Saved by Lightning in every checkpoint: each guard's :meth:`~nanguard.Guard.state_dict`."""
-        return {"guards": [guard.state_dict() for guard in self.guards]}
+        return {"guards": [guard.state_dict() for guard in self.guards] if self.guards else list(self._final)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Called by Lightning on resume, before or after ``on_fit_start`` depending on the strategy."""
@@ -100,6 +101,8 @@ class _GuardCallbackLogic:
 
     def close(self, status: str = "finished") -> None:
         guards, self.guards = self.guards, []
+        if guards:
+            self._final = [guard.state_dict() for guard in guards]
         for guard in guards:
             guard.close(status=status)
 
