@@ -127,13 +127,15 @@ class Guard:
     def _watch(self, model: torch.nn.Module) -> None:
         self._watching.append((model, recording.watch(model, self.pipeline)))
 
-    def _on_step_start(self, step: int) -> None:
+    def _on_step_start(self, step: int) -> bool:
+        """Work for the first step(s); returns whether the next step needs it too."""
         if not self.models and self.find_models is not None:
             # Zero-code mode found no model when the optimizer was built: look again from the training loop.
             for model in self.find_models():
                 self.attach_model(model)
             self.find_models = None
         self.rollback.on_step_start(step)
+        return not len(self.rollback) and bool(self.config.snapshot_every)
 
     def attach_model(self, model: torch.nn.Module) -> None:
         if any(model is m for m in self.models) or self._closed:
@@ -141,6 +143,7 @@ class Guard:
         self.models.append(model)
         self._watch(model)
         self.rollback.reset()  # earlier snapshots do not cover this model
+        self.pipeline._starting = True  # the next step takes the first snapshot again
 
     def attach_scaler(self, scaler: Any) -> None:
         """Watch a ``torch.amp.GradScaler``: read unscaled losses and count the steps it skips."""

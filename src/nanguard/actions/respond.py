@@ -77,8 +77,10 @@ class Responder:
     def on_good(self, verdict: Verdict, context: StepContext) -> None:
         p = self.parts
         p.detector.learn(verdict, accepted=True)
-        p.policy.on_good_step()
-        p.lr.on_good_step()
+        if p.policy.consecutive_bad:
+            p.policy.on_good_step()
+        if p.lr.multiplier < 1.0:
+            p.lr.on_good_step()
         self.streak_start = None
         self.scaler_streak = 0
         if verdict.clipped:

@@ -82,10 +82,11 @@ def is_fused(optimizer: torch.optim.Optimizer) -> bool:
 class StepPipeline:
     """The guarded step of one optimizer (see the module docstring)."""
 
-    def __init__(self, parts: Parts, responder: Responder, on_step_start: Callable[[int], None]) -> None:
+    def __init__(self, parts: Parts, responder: Responder, on_step_start: Callable[[int], bool]) -> None:
         self.parts = parts
         self.responder = responder
-        self.on_step_start = on_step_start
+        self.on_step_start = on_step_start  # called at each step until it returns False
+        self._starting = True
         self.recorder = StepRecorder()
         self.inputs = StepInputs()
         self.readback: DeviceReadback[_Pending] = DeviceReadback()
@@ -147,6 +148,7 @@ class StepPipeline:
         self.inputs.user_norm = (num_tensors, norm.detach())
 
     def _take_inputs(self) -> tuple[StepInputs, list[ForwardCall], torch.Tensor | None, bool]:
+        """What arrived for a step that ``run`` does not see (a step the GradScaler skipped)."""
         inputs, self.inputs = self.inputs, StepInputs()
         calls = self.recorder.take()
         loss, _ = BOOK.take(self)
@@ -174,12 +176,19 @@ class StepPipeline:
             args, kwargs = (), {k: v for k, v in kwargs.items() if k != "closure"}
         tally = self.parts.tally
         step = tally.steps
-        tally.steps += 1
+        tally.steps = step + 1
         optimizer._opt_called = True  # type: ignore[union-attr]  # what an LR scheduler checks for
-        inputs, calls, loss, has_loss = self._take_inputs()
-        self.on_step_start(step)
-        distributed = dist_utils.is_distributed()
-        if len(self.readback) or len(self.scales):
+        inputs, self.inputs = self.inputs, StepInputs()
+        calls = self.recorder.take()
+        loss = BOOK.take(self)[0] if BOOK.pending else None
+        for value in inputs.observed:
+            loss = value if loss is None else loss + value.to(loss.device)
+        has_loss = loss is not None
+        if self._starting:
+            self._starting = self.on_step_start(step)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and dist_utils.is_distributed()
+        if self.readback.pending or self.scales.pending:
             self.process(until=step - 1 if self.device_mode and distributed else None)
         if self.responder.forced_skips and self.responder.forced_skip(step):
             return closure_loss

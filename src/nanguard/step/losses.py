@@ -177,6 +177,11 @@ class LossBook:
             self._paused -= 1
 
     @property
+    def pending(self) -> bool:
+        """Whether any ``backward()`` is waiting for a step."""
+        return bool(self._pending)
+
+    @property
     def owners(self) -> list[Owner]:
         return list(self._owners)
 

@@ -80,6 +80,10 @@ class DeviceReadback(Generic[T]):
                 done.append(item)
         return done
 
+    @property
+    def pending(self) -> bool:
+        return bool(self._pending)
+
     def clear(self) -> None:
         self._pending.clear()
 
