@@ -93,6 +93,8 @@ SHAPES = {
     "small": Shape(layers=2, width=128, heads=4, vocab=1024, seq=64, batch=8),
     "gpt2": Shape(layers=12, width=768, heads=12, vocab=50257, seq=1024, batch=8),
 }
+# --quick: the smallest model every part of the script still runs on.
+QUICK_SHAPE = Shape(layers=1, width=32, heads=2, vocab=128, seq=16, batch=4)
 # Runs every code path once before the forked memory children, so they do not count one-time initialisation.
 WARMUP_SHAPE = Shape(layers=1, width=16, heads=2, vocab=32, seq=8, batch=2)
 # GPT-2 width and depth, but a sequence and batch a CPU can step through in seconds, in fp32 (--allow-cpu):
@@ -812,6 +814,8 @@ def make_settings(args: argparse.Namespace) -> Settings:
     cuda = torch.cuda.is_available()
     shape = SHAPES[args.shape]
     overrides: dict[str, int] = dict(GPT2_ON_CPU) if args.shape == "gpt2" and not cuda else {}
+    if args.quick:  # a smoke run checks that every part of the script works: a tiny model does that
+        overrides.update(asdict(QUICK_SHAPE))
     overrides.update({k: v for k, v in (("seq", args.seq), ("batch", args.batch), ("layers", args.layers)) if v is not None})
     shape = Shape(**{**asdict(shape), **overrides})
     from nanguard.config import GuardConfig

@@ -25,6 +25,7 @@ The guard's own state (statistics, counters, LR multiplier, step count) travels 
 from __future__ import annotations
 
 import types
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -218,7 +219,10 @@ class Guard:
             self.records.close({**self.summary(), "status": status})
 
     def _release(self) -> None:
-        self._patches.undo()
+        stuck = self._patches.undo()
+        if stuck:
+            warnings.warn(f"nanguard: {', '.join(stuck)} was wrapped again after the guard replaced it, so it could not "
+                          "be put back; the guard's part of it now passes every call straight through", stacklevel=3)
         for model, lease in self._watching:
             recording.unwatch(model, self.pipeline, lease)
         self._watching.clear()
