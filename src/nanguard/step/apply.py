@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -95,6 +95,7 @@ class StepPipeline:
         self._scale_sampled = -1
         self._dispatched = -1  # the last step whose fused update went to the device
         self._device_mode: bool | None = None
+        self._fused_optimizer = False  # decided with the mode
         self.defer_host_verdict = False  # tests: read verdicts back late on a CPU, as a CUDA run does
         self.closed = False
 
@@ -105,7 +106,7 @@ class StepPipeline:
         ``fused`` support after ``Optimizer.__init__`` returns. ``sync_mode="device"`` forces it on a CPU too."""
         if self._device_mode is None:
             optimizer = self.parts.subjects.optimizer
-            fused = is_fused(optimizer)  # type: ignore[arg-type]
+            fused = self._fused_optimizer = is_fused(optimizer)  # type: ignore[arg-type]
             mode = self.parts.config.sync_mode
             if mode == "device" and not fused:
                 warnings.warn("nanguard: sync_mode='device' needs a fused optimizer (fused=True); using one sync per step",
@@ -208,7 +209,7 @@ class StepPipeline:
         grads = [g for g in [p.grad for p in params] if g is not None]
         device = grads[0].device if grads else (params[0].device if params else torch.device("cpu"))
         optimizer = subjects.optimizer
-        grad_scale = getattr(optimizer, "grad_scale", None)
+        grad_scale = vars(optimizer).get("grad_scale")  # set by a GradScaler for a fused optimizer
         user = inputs.user_norm
         user_clipped = user is not None and user[0] >= len(grads) and grad_scale is None
         plain = subjects.simple
@@ -224,13 +225,13 @@ class StepPipeline:
         limits = context.limits
         if user_clipped and limits.clips:
             # The script clipped already: its gradients are no longer what ``norm`` measured. Clip nothing more.
-            limits = replace(limits, clip=FLOAT32_MAX)
+            limits = limits._replace(clip=FLOAT32_MAX)
         parts: dict[str, Any] = {LOSS: loss if loss is not None else torch.zeros((), device=device), NORM: norm}
         check = bool(cfg.check_weights_every) and context.step % cfg.check_weights_every == 0 and bool(params)
         if check:
             parts[WEIGHTS] = total_norm(params, device, plain=plain)
         if subjects.scaler_enabled:
-            found_inf = getattr(optimizer, "found_inf", None)
+            found_inf = vars(optimizer).get("found_inf")
             if isinstance(found_inf, torch.Tensor):
                 parts[SCALER_FOUND] = found_inf.to(device)
             scale = getattr(subjects.scaler, "_scale", None)
@@ -273,8 +274,8 @@ class StepPipeline:
         """Call the real step on the host path: the LR multiplier around it, clipping into a fused kernel's
         ``grad_scale`` or, for any other optimizer, by one in-place multiply of the gradients."""
         optimizer = self.parts.subjects.optimizer
-        fused = is_fused(optimizer)  # type: ignore[arg-type]
-        base_scale = getattr(optimizer, "grad_scale", None)
+        fused = self._fused_optimizer
+        base_scale = vars(optimizer).get("grad_scale")
         if verdict.clipped and fused:
             clip = torch.tensor(1.0 / verdict.clip_coef, device=grads[0].device)
             optimizer.grad_scale = clip * base_scale.float() if isinstance(base_scale, torch.Tensor) else clip  # type: ignore[union-attr]

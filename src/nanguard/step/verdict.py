@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -32,10 +31,10 @@ def as_float32(value: float) -> float:
     return float(struct.unpack("f", struct.pack("f", value))[0])
 
 
-@dataclass(frozen=True)
-class Limits:
+class Limits(NamedTuple):
     """Thresholds in force at one step, from the detector's statistics: a loss or gradient norm above its
-    limit is a spike; gradients are clipped to ``clip``. ``FLOAT32_MAX`` means no limit."""
+    limit is a spike; gradients are clipped to ``clip``. ``FLOAT32_MAX`` means no limit. (Immutable, like
+    every record of a step here; a named tuple because one is built per step, cheaply.)"""
 
     loss: float = FLOAT32_MAX
     grad: float = FLOAT32_MAX
@@ -70,8 +69,12 @@ def read_on_host(parts: dict[str, Any]) -> tuple[Layout, list[float]]:
     norm is summed here in double precision (as torch sums float32 on a CPU) and, like a float32 result,
     reads inf above float32's range. Returns the layout and the values as :func:`encode` would have them."""
     norms = parts[NORM]
-    others = [name for name in parts if name not in (LOSS, NORM)]
-    values = torch.stack([parts[LOSS], *norms, *(parts[name].reshape(()).float() for name in others)]).tolist()
+    if len(parts) == 2:
+        values = torch.stack([parts[LOSS], *norms]).tolist()
+        others: list[str] = []
+    else:
+        others = [name for name in parts if name not in (LOSS, NORM)]
+        values = torch.stack([parts[LOSS], *norms, *(parts[name].reshape(()).float() for name in others)]).tolist()
     total = math.hypot(*values[1:1 + len(norms)])  # NaN or inf when any norm is (inf wins over NaN: both are bad)
     if total > FLOAT32_MAX:
         total = math.inf
@@ -107,8 +110,7 @@ def device_clip_scale(norm: torch.Tensor, limit: float) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------- host side
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(NamedTuple):
     """What the guard concluded about one step, in host floats. ``bad``: the update must not count."""
 
     step: int
@@ -164,7 +166,7 @@ class Verdict:
         return None
 
     def with_post_weights_bad(self) -> Verdict:
-        return replace(self, post_weights_bad=True)
+        return self._replace(post_weights_bad=True)
 
     def rank_loss(self, rank: int) -> float | None:
         """The loss the given rank saw (the verdict's own loss is the mean over ranks)."""
@@ -188,8 +190,7 @@ def _row_flags(row: tuple[float, ...] | list[float], layout: Layout, limits: Lim
     return loss_bad, grad_bad, weights_bad, loss_spike, grad_spike, scaler_found
 
 
-@dataclass(frozen=True)
-class Reading:
+class Reading(NamedTuple):
     """How to read one read-back vector: its layout, how many rank vectors it holds, and whether the weight
     norm after the update follows them."""
 
@@ -227,7 +228,7 @@ def decode(step: int, values: list[float], reading: Reading, limits: Limits, *, 
     )
     # A weight check after an update that was not applied says nothing about the update.
     post = reading.post_weights and not math.isfinite(values[-1])
-    return replace(verdict, post_weights_bad=True) if post and not (verdict.bad or overflow) else verdict
+    return verdict._replace(post_weights_bad=True) if post and not (verdict.bad or overflow) else verdict
 
 __all__ = [
     "COEF",
