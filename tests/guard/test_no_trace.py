@@ -204,3 +204,17 @@ def test_deep_copy_of_a_guarded_model_does_not_keep_the_guard_alive(tmp_path):
     gc.collect()
     assert ref() is None
     assert ema(torch.randn(2, 8)).shape == (2, 4)
+
+
+def test_process_wide_patches_stay_while_any_guard_needs_them_and_go_with_the_last(tmp_path):
+    a, b = make_mlp(), make_mlp()
+    guard_a = _guard(a, torch.optim.SGD(a.parameters(), lr=0.1), tmp_path / "a")
+    guard_b = _guard(b, torch.optim.SGD(b.parameters(), lr=0.1), tmp_path / "b")
+    both = patches.active()
+    assert "torch.autograd.backward" in both
+    guard_a.close()
+    assert patches.active() == both  # b still needs every one of them (same classes, same backward)
+    assert torch.autograd.backward is not ORIGINAL_BACKWARD
+    guard_b.close()
+    assert patches.active() == []
+    assert torch.autograd.backward is ORIGINAL_BACKWARD
