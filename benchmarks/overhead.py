@@ -22,10 +22,14 @@ Variants:
 * ``detect_anomaly`` -- ``torch.autograd.detect_anomaly()`` around forward and backward.
 * ``DebugUnderflowOverflow`` -- ``transformers.debug_utils.DebugUnderflowOverflow(model)`` (if installed).
 
+With ``--baseline PATH`` (the ``src`` folder of another nanguard checkout, e.g. main's) the time inside
+``optimizer.step()`` is also measured for both trees side by side, in interleaved worker processes
+(``_step_call.py``), and the report gains a before/after table.
+
 Also measured: peak memory per variant (CUDA ``max_memory_allocated`` on a GPU; on a CPU the peak RSS growth
 of a forked child that builds and trains one variant alone), the time inside ``optimizer.step()`` alone
 (where the guard does its work, resolved far below whole-step noise), the cost of one rollback snapshot
-(``Guard._take_snapshot``) amortised over each preset's ``snapshot_every``, and the time one forensic
+(``guard.rollback.take()``) amortised over each preset's ``snapshot_every``, and the time one forensic
 replay adds to the step where a NaN appears. Prints Markdown; ``--json PATH`` also writes the numbers.
 This script asserts nothing about speed.
 """
@@ -55,6 +59,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import describe_machine, load_average, machine_info, markdown_table, median
+from _step_call import compare as compare_step_calls
 
 UNGUARDED = "unguarded"
 GUARD_PRESETS = {"nanguard safe (default)": "safe", "nanguard fast": "fast", "nanguard forensic": "forensic"}
@@ -88,6 +93,8 @@ SHAPES = {
     "small": Shape(layers=2, width=128, heads=4, vocab=1024, seq=64, batch=8),
     "gpt2": Shape(layers=12, width=768, heads=12, vocab=50257, seq=1024, batch=8),
 }
+# --quick: the smallest model every part of the script still runs on.
+QUICK_SHAPE = Shape(layers=1, width=32, heads=2, vocab=128, seq=16, batch=4)
 # Runs every code path once before the forked memory children, so they do not count one-time initialisation.
 WARMUP_SHAPE = Shape(layers=1, width=16, heads=2, vocab=32, seq=8, batch=2)
 # GPT-2 width and depth, but a sequence and batch a CPU can step through in seconds, in fp32 (--allow-cpu):
@@ -272,32 +279,24 @@ def transformers_available() -> bool:
     return True
 
 
-def _active_guards() -> Any:
-    from nanguard import guard as guard_module
-
-    active = getattr(guard_module, "_ACTIVE_GUARDS", None)
-    if active is None:
-        raise RuntimeError("nanguard.guard._ACTIVE_GUARDS is gone: update listening() in benchmarks/overhead.py")
-    return active
-
-
 @contextlib.contextmanager
 def listening(guard: Any) -> Iterator[None]:
-    """Let only ``guard`` see ``backward()`` calls while its variant runs.
+    """Let only ``guard`` hear ``backward()`` calls while its variant runs.
 
-    A Guard hears every ``backward()`` in the process (it patches ``torch.autograd.backward``), so guards of
-    other variants living in this process would count this variant's losses as their own. A user runs one
-    guard per training loop; this puts each guard back in that situation for its own blocks only.
+    Guards of the other variants live in this process too; each would have to walk every ``backward()``'s
+    graph to tell its own losses from theirs, which no run with one guard pays. A user runs one guard per
+    training loop; this puts each guard back in that situation for its own blocks only.
     """
     if guard is None:
         yield
         return
-    active = _active_guards()
-    active.add(guard)
+    from nanguard.step.losses import BOOK
+
+    BOOK.register(guard.pipeline, guard.subjects.params())
     try:
         yield
     finally:
-        active.discard(guard)
+        BOOK.unregister(guard.pipeline)
 
 
 def build_run(variant: str, optimizer_kind: str, settings: Settings, out_root: Path, model: nn.Module | None = None) -> Run:
@@ -309,7 +308,9 @@ def build_run(variant: str, optimizer_kind: str, settings: Settings, out_root: P
 
         out_dir = out_root / f"{GUARD_PRESETS[variant]}-{optimizer_kind}"
         run.guard = nanguard.Guard(model, optimizer, config=GUARD_PRESETS[variant], console=False, report=False, out_dir=out_dir)
-        _active_guards().discard(run.guard)  # silent until its own blocks (see listening())
+        from nanguard.step.losses import BOOK
+
+        BOOK.unregister(run.guard.pipeline)  # silent until its own blocks (see listening())
     elif variant == SEED_CHECKS:
         run.train_step = seed_checks_step
     elif variant == ANOMALY:
@@ -343,8 +344,8 @@ def fill_snapshot_ring(run: Run) -> None:
     guard = run.guard
     if guard is None or not guard.config.snapshot_every:
         return
-    while len(guard.snapshots) < guard.config.snapshot_keep:
-        guard._take_snapshot()
+    while len(guard.rollback) < guard.config.snapshot_keep:
+        guard.rollback.take(guard.step_count)
 
 
 def variants_to_run() -> list[str]:
@@ -427,7 +428,7 @@ def timing_rows(runs: list[Run]) -> list[dict[str, Any]]:
             if run.guard is not None:
                 summary = run.guard.summary()
                 activity = {k: summary[k] for k in ("steps", "skipped", "clipped", "rollbacks", "events")}
-                activity["mode"] = "device (no sync)" if run.guard.device_mode else "sync (one per step)"
+                activity["mode"] = "device (no sync)" if run.guard.device_mode else "host (one read per step)"
                 row["guard"] = activity
             rows.append(row)
     return rows
@@ -536,20 +537,13 @@ def memory_pass(settings: Settings, variants: list[str], out_root: Path) -> tupl
 
 # ---------------------------------------------------------------------------------------------- snapshots
 def snapshot_bytes(snapshot: Any) -> int:
-    def walk(value: Any) -> int:
-        if isinstance(value, torch.Tensor):
-            return value.numel() * value.element_size()
-        if isinstance(value, dict):
-            return sum(walk(v) for v in value.values())
-        if isinstance(value, (list, tuple)):
-            return sum(walk(v) for v in value)
-        return 0
-
-    return walk(snapshot.models) + walk(snapshot.optimizer)
+    """Bytes of the tensor copies a snapshot (a ``nanguard.state.SavedState``) holds."""
+    copies = list(snapshot.tensors) + [v for values in (snapshot.optimizer_state or {}).values() for v in values.values()]
+    return sum(c.saved.numel() * c.saved.element_size() for c in copies if hasattr(c, "saved"))
 
 
 def snapshot_rows(runs: list[Run], timing: list[dict[str, Any]], settings: Settings) -> list[dict[str, Any]]:
-    """Time ``Guard._take_snapshot()`` (synchronised on both sides) on the safe guard of each optimizer kind."""
+    """Time ``guard.rollback.take()`` (synchronised on both sides) on the safe guard of each optimizer kind."""
     from nanguard.config import PRESETS, GuardConfig
 
     rows = []
@@ -560,11 +554,11 @@ def snapshot_rows(runs: list[Run], timing: list[dict[str, Any]], settings: Setti
         for _ in range(settings.snapshot_repeats):
             sync(settings.device)
             started = time.perf_counter()
-            run.guard._take_snapshot()
+            run.guard.rollback.take(run.guard.step_count)
             sync(settings.device)
             seconds.append(time.perf_counter() - started)
         snapshot_ms = 1e3 * median(seconds)
-        newest = run.guard.snapshots.newest_finite()
+        newest = run.guard.rollback.newest_finite()
         intervals = {name: GuardConfig.preset(name).snapshot_every for name in PRESETS}
         rows.append({
             "optimizer": kind, "snapshot_ms": snapshot_ms, "snapshot_mb": snapshot_bytes(newest) / 1e6 if newest else None,
@@ -693,6 +687,9 @@ def format_report(result: dict[str, Any]) -> str:
             "variants in rotation, one call at a time. The guard's forward pre-hook and `backward` hook run outside the "
             "call and are not counted here; on a GPU the call's host time can overlap the device's work."]
 
+    if result.get("baseline"):
+        out += _baseline_section(result["baseline"])
+
     snap_rows = []
     for row in result["snapshots"]:
         amortised = ", ".join(f"{name} (every {row['intervals'][name]}): {100 * value:.3f}%" for name, value in row["amortised"].items())
@@ -701,7 +698,7 @@ def format_report(result: dict[str, Any]) -> str:
                           f"{row['steps_per_snapshot']:.3f}", amortised])
     out += ["", "## Rollback snapshot refresh", "",
             markdown_table(["optimizer", "snapshot ms (median)", "snapshot MB", "unguarded step ms", "x step", "amortised per step"], snap_rows),
-            "", "`Guard._take_snapshot()` timed with a device sync on both sides, on the safe guard after the timed rounds; "
+            "", "`guard.rollback.take()` timed with a device sync on both sides, on the safe guard after the timed rounds; "
             "amortised = snapshot time / unguarded step time / the preset's `snapshot_every`."]
 
     replay_rows = []
@@ -719,6 +716,23 @@ def format_report(result: dict[str, Any]) -> str:
             "median faulty `optimizer.step()` + `guard.flush()` minus the median of the same call on normal steps; step-time = "
             "a normal guarded forward + backward + step."]
     return "\n".join(out)
+
+
+def _baseline_section(rows: list[dict[str, Any]]) -> list[str]:
+    table = []
+    for kind in dict.fromkeys(r["optimizer"] for r in rows):
+        pair = {r["tree"]: r for r in rows if r["optimizer"] == kind}
+        before, after = pair["baseline"], pair["this tree"]
+        table.append([OPTIMIZERS[kind], f"{before['added_ms']:+.3f}", f"{after['added_ms']:+.3f}",
+                      f"{after['added_ms'] / before['added_ms']:.2f}x" if before["added_ms"] > 0 else "n/a",
+                      f"{before['unguarded_ms']:.3f} / {after['unguarded_ms']:.3f}", ", ".join(f"{v:+.3f}" for v in after["rounds"])])
+    paths = sorted({r["path"] for r in rows})
+    return ["", "## Time inside optimizer.step(): before and after", "",
+            markdown_table(["optimizer", "baseline: added ms", "this tree: added ms", "after / before",
+                            "unguarded ms (baseline / this tree workers)", "this tree, per round"], table),
+            "", "Each cell: the median over interleaved rounds of one worker process's median added time (guarded minus "
+            "unguarded `optimizer.step()`, one call at a time, `safe` preset, past the spike warm-up). nanguard trees: "
+            + ", ".join(f"`{p}`" for p in paths) + "."]
 
 
 # ---------------------------------------------------------------------------------------------- preflight
@@ -782,6 +796,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="AdamW kinds to measure (default both; one halves the memory the script needs)")
     parser.add_argument("--layers", type=int, help="override the shape's number of layers")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    parser.add_argument("--baseline", type=Path, help="src folder of another nanguard tree: also time optimizer.step() "
+                        "for it and this tree side by side (CPU, --shape small)")
+    parser.add_argument("--baseline-rounds", type=int, default=5, help="interleaved rounds of the --baseline comparison")
     args = parser.parse_args(argv)
     for name in ("rounds", "block", "batch", "seq", "threads", "layers"):
         value = getattr(args, name)
@@ -797,6 +814,8 @@ def make_settings(args: argparse.Namespace) -> Settings:
     cuda = torch.cuda.is_available()
     shape = SHAPES[args.shape]
     overrides: dict[str, int] = dict(GPT2_ON_CPU) if args.shape == "gpt2" and not cuda else {}
+    if args.quick:  # a smoke run checks that every part of the script works: a tiny model does that
+        overrides.update(asdict(QUICK_SHAPE))
     overrides.update({k: v for k, v in (("seq", args.seq), ("batch", args.batch), ("layers", args.layers)) if v is not None})
     shape = Shape(**{**asdict(shape), **overrides})
     from nanguard.config import GuardConfig
@@ -849,6 +868,11 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         progress("forensic replay")
         replay = [replay_row(kind, settings, out_root) for kind in settings.optimizers]
+        baseline = None
+        if args.baseline is not None:
+            baseline = compare_step_calls(args.baseline.resolve(), settings.optimizers, rounds=2 if settings.quick else args.baseline_rounds,
+                                          samples=settings.step_call_samples * (1 if settings.quick else 3),
+                                          warmup=settings.guard_warmup, shape_name=settings.shape_name, progress=progress)
         progress("done")
     result = {
         "command": command, "machine": {**machine_info(), "load_average_start": load_at_start}, "parameters": parameters,
@@ -856,7 +880,7 @@ def main(argv: list[str] | None = None) -> int:
                      "skipped_variants": [v for v in VARIANTS if v not in variants]},
         "timing": timing, "step_calls": step_calls,
         "memory": {"method": memory_method, "rows": [{"variant": v, "optimizer": k, **m} for (v, k), m in memory.items()]},
-        "snapshots": snapshots, "replay": replay,
+        "snapshots": snapshots, "replay": replay, "baseline": baseline,
     }
     print(format_report(result))
     if DEBUG_UO not in variants:

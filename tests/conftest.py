@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+
+# Every model here is tiny: one intra-op thread is faster than two, and on a shared machine extra OpenMP
+# threads spin-wait for cores other processes hold (the suite ran several times slower that way). Set
+# before torch is imported, so subprocesses the tests start (nanguard run, torchrun) inherit it too.
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
+
 import torch
+
+torch.set_num_threads(1)
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1].parent / "shared" / "spec" / "event.schema.json"
 REPO_SCHEMA_COPY = Path(__file__).resolve().parent / "data" / "event.schema.json"

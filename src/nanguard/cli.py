@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from nanguard.errors import NanguardError
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("nanguard.autopatch", "run an unmodified training script under the guard"),
+    "run": ("nanguard.zero_code", "run an unmodified training script under the guard"),
     "demo": ("nanguard.demo", "train a small transformer with injected faults, with and without the guard"),
     "report": ("nanguard.report.command", "render the HTML/Markdown report of a run directory"),
     "events": ("nanguard.report.events_command", "print the events of a run directory"),

@@ -28,6 +28,10 @@ class SpikeConfig:
     A value counts as a spike only when it is both ``z`` robust standard deviations above the running
     mean *and* ``ratio`` times the running mean: the z-score alone fires on the tiny variance of a
     plateau, the ratio alone on the large variance of noisy small-batch SGD.
+
+    Above ``clip_z`` gradients are clipped (``adaptive_clip``), above ``skip_z`` the step is skipped, and a
+    spike at or above ``alarm_z`` is also investigated with a replay (forensics budget permitting); a milder
+    one gets the replay-free triage.
     """
 
     enabled: bool = True

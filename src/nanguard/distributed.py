@@ -1,27 +1,18 @@
-"""Keeping every rank in lockstep: one verdict for all, decided together.
+"""torch.distributed as the guard needs it: ranks, sharded tensors, and replays that talk to no one.
 
-Under DDP/FSDP a rank that skips while another steps leaves the replicas different forever, and a rank
-that stops while another waits in a collective hangs the job. So the per-rank flags are all-gathered
-(on NCCL that is one small collective enqueued on the stream, no host sync) and every rank takes the
-element-wise maximum as its verdict, while rank 0 keeps the per-rank rows to say *which* rank saw it.
-
-The event path has the same two dangers. A diagnosis that differs between ranks can make the policy
-skip on one rank and roll back on another, and a replay that talks to other ranks (DDP's gradient
-all-reduce, its buffer broadcast in ``forward``, FSDP's parameter all-gather) hangs when only one rank
-replays. Hence :func:`diagnose_on_bad_rank` (one rank diagnoses, every rank gets its answer) and
-:func:`isolated_replay` (a DDP replay that issues no collective).
+A replay that talks to other ranks (DDP's gradient all-reduce, its buffer broadcast in ``forward``,
+FSDP's parameter all-gather) hangs when only one rank replays, hence :func:`isolated_replay`. Keeping
+ranks in agreement on verdicts and diagnoses is :mod:`nanguard.step.lockstep`'s job.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
-
-T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -41,35 +32,6 @@ def rank() -> int:
 
 def world_size() -> int:
     return torch.distributed.get_world_size() if is_distributed() else 1
-
-
-def gather_flags(flags: torch.Tensor) -> torch.Tensor:
-    """All-gather a 1-D flag vector from every rank: returns ``[world, len(flags)]`` on every rank."""
-    if not is_distributed():
-        return flags.unsqueeze(0)
-    backend = torch.distributed.get_backend()
-    device = flags.device
-    if backend == "nccl" and device.type != "cuda":
-        flags = flags.cuda()
-    elif backend == "gloo" and device.type != "cpu":
-        flags = flags.cpu()
-    out = [torch.empty_like(flags) for _ in range(world_size())]
-    torch.distributed.all_gather(out, flags.contiguous())
-    return torch.stack(out).to(device)
-
-
-def broadcast_object(obj: object, src: int) -> object:
-    """Send a small picklable object (a diagnosis) from one rank to all; event path only."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def barrier() -> None:
-    if is_distributed():
-        torch.distributed.barrier()
 
 
 # ---------------------------------------------------------------------- sharded tensors (FSDP2 / DTensor)
@@ -104,32 +66,6 @@ def uses_sharded_parameters(models: Iterable[torch.nn.Module]) -> bool:
         if any(is_dtensor(p) for p in model.parameters()):
             return True
     return False
-
-
-# ---------------------------------------------------------------------- the event path
-def diagnose_on_bad_rank(bad_rank: int | None, diagnose: Callable[[], T], fallback: Callable[[], T],
-                         *, all_ranks: bool = False) -> T:
-    """One diagnosis for every rank: the rank that saw the fault computes it, the others receive it.
-
-    ``diagnose`` runs on ``bad_rank`` only (so a replay there must be collective-free, see
-    :func:`isolated_replay`), unless ``all_ranks`` is set: then every rank runs it in lockstep, for
-    models whose every access is itself a collective (FSDP). If it raises, ``fallback`` answers instead,
-    so the broadcast always happens and no rank is left waiting.
-    """
-    if not is_distributed():
-        return _safely(diagnose, fallback)
-    source = bad_rank if bad_rank is not None else 0
-    local: T | None = None
-    if all_ranks or rank() == source:
-        local = _safely(diagnose, fallback)
-    return broadcast_object(local, src=source)  # type: ignore[return-value]
-
-
-def _safely(diagnose: Callable[[], T], fallback: Callable[[], T]) -> T:
-    try:
-        return diagnose()
-    except Exception:  # the other ranks are waiting for an answer: never leave them without one
-        return fallback()
 
 
 @contextlib.contextmanager

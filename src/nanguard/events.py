@@ -1,7 +1,8 @@
 """The event record: what the guard saw at one step, what it did, and why it happened.
 
 The vocabularies below mirror ``shared/spec/event.schema.json``; they are a public contract, so
-values may be added there first and here second, never renamed.
+values may be added there first and here second, never renamed. Causes come from the registry in
+:mod:`nanguard.causes`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from nanguard.causes import CAUSES as _REGISTRY
+
 TRIGGERS = (
     "nonfinite_loss",
     "nonfinite_grad",
@@ -19,28 +22,11 @@ TRIGGERS = (
     "loss_spike",
     "grad_spike",
     "divergence",
+    "exception",
+    "stalled",
 )
 ACTIONS = ("none", "skip", "clip", "rollback", "lr_backoff", "abort")
-CAUSES = (
-    "input_nonfinite",
-    "label_out_of_range",
-    "input_extreme_scale",
-    "weights_nonfinite",
-    "optimizer_state_nonfinite",
-    "forward_overflow",
-    "masked_softmax_all_masked",
-    "masked_target_logit",
-    "invalid_math_domain",
-    "backward_singularity",
-    "backward_overflow",
-    "gradient_explosion",
-    "loss_spike",
-    "divergence",
-    "update_overflow",
-    "batchnorm_degenerate",
-    "nondeterministic",
-    "unknown",
-)
+CAUSES = tuple(_REGISTRY)
 PHASES = ("data", "forward", "loss", "backward", "optimizer", "state", "unknown")
 
 
@@ -57,12 +43,19 @@ class Diagnosis:
     confidence: float = 0.0
     evidence: list[str] = field(default_factory=list)
     fixes: list[str] = field(default_factory=list)
+    # Other causes that triggered or worsened this one: [{"cause": ..., "evidence": [...]}].
+    contributing: list[dict[str, Any]] = field(default_factory=list)
+    # This event carries the diagnosis of an earlier investigated event with the same signature.
+    same_as_step: int | None = None
 
     def __post_init__(self) -> None:
         if self.cause not in CAUSES:
             raise ValueError(f"Diagnosis.cause={self.cause!r} is not one of {CAUSES}")
         if self.phase not in PHASES:
             raise ValueError(f"Diagnosis.phase={self.phase!r} is not one of {PHASES}")
+        for item in self.contributing:
+            if item.get("cause") not in CAUSES:
+                raise ValueError(f"Diagnosis.contributing cause {item.get('cause')!r} is not one of {CAUSES}")
         self.confidence = float(min(1.0, max(0.0, self.confidence)))
 
     def to_dict(self) -> dict[str, Any]:

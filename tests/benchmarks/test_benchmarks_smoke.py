@@ -49,7 +49,13 @@ def test_overhead_quick_measures_what_it_claims(quick_overhead):
     assert [row["ratio_median"] for row in unguarded] == [1.0, 1.0]
     assert all(row["median_ms"] > 0 for row in data["timing"])
     guarded = [row for row in data["timing"] if row["variant"].startswith("nanguard")]
-    assert {row["guard"]["mode"].split()[0] for row in guarded} == {"device", "sync"}
+    # On a GPU the fused optimizer takes the verdict on the device; on a CPU, where reading it back is free,
+    # both optimizers take it on the host.
+    import torch
+
+    modes = {row["optimizer"]: row["guard"]["mode"].split()[0] for row in guarded}
+    assert modes["plain"] == "host"
+    assert modes["fused"] == ("device" if torch.cuda.is_available() else "host")
     # The injected NaN was caught and investigated by forensics, for both optimizer kinds.
     for row in data["replay"]:
         assert [fault["cause"] for fault in row["faults"]] == ["input_nonfinite"], row

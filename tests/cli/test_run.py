@@ -1,4 +1,8 @@
-"""`nanguard run SCRIPT`: an unmodified script, guarded; records written; the script's exit status kept."""
+"""`nanguard run SCRIPT`: an unmodified script, guarded; records written; the script's exit status kept.
+
+One subprocess test per command-line path (a fault, a healthy run, arguments and exit status, a crash, the
+one-line errors, ``--help``); the rest run the same command in-process (``nanguard.cli.main``).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from nanguard.cli import main as cli_main
 from tests.conftest import load_schema, read_events
 
 SCRIPT_HEAD = """
@@ -44,6 +49,14 @@ def _run(tmp_path: Path, body: str, *args: str, policy: str | None = None) -> su
     if policy:
         command += ["--policy", policy]
     return subprocess.run([*command, str(script), *args], capture_output=True, text=True, timeout=240, cwd=tmp_path)
+
+
+def _run_here(tmp_path: Path, body: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """The same command, in this process: returns the exit status and the script's stdout."""
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT_HEAD + textwrap.dedent(body))
+    code = cli_main(["run", "--out", str(tmp_path / "out"), "--quiet", str(script)])
+    return code, capsys.readouterr().out
 
 
 LOOP = """
@@ -122,7 +135,7 @@ def test_unknown_policy_is_rejected_with_exit_2(tmp_path):
 
 
 @pytest.mark.parametrize("fused", ["False", "True"])
-def test_corrupted_weight_is_rolled_back_and_run_ends_finite(tmp_path, fused):
+def test_corrupted_weight_is_rolled_back_and_run_ends_finite(tmp_path, fused, capsys):
     body = f"""
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused={fused})
     for step in range(80):
@@ -137,9 +150,9 @@ def test_corrupted_weight_is_rolled_back_and_run_ends_finite(tmp_path, fused):
                 model.encoder.weight[0, 0] = float("inf")
     print("finite", all(torch.isfinite(p).all().item() for p in model.parameters()))
     """
-    result = _run(tmp_path, body)
-    assert result.returncode == 0, result.stderr
-    assert "finite True" in result.stdout
+    code, stdout = _run_here(tmp_path, body, capsys)
+    assert code == 0
+    assert "finite True" in stdout
     events = read_events(tmp_path / "out")
     assert [(e["step"], e["action"], e["diagnosis"]["cause"]) for e in events] == [(61, "rollback", "weights_nonfinite")]
     assert events[0]["diagnosis"]["module"] == "encoder"
@@ -152,7 +165,7 @@ def test_python_dash_m_and_console_script_are_the_same_program(tmp_path):
         assert command in result.stdout
 
 
-def test_model_passed_around_functions_and_dicts_is_found(tmp_path):
+def test_model_passed_around_functions_and_dicts_is_found(tmp_path, capsys):
     """The optimizer is built in a helper that sees only parameters; the model lives in another function's frame."""
     body = """
     def build_optimizer(params):
@@ -174,7 +187,7 @@ def test_model_passed_around_functions_and_dicts_is_found(tmp_path):
     del model
     train(holder.pop("net"))
     """
-    result = _run(tmp_path, body)
-    assert result.returncode == 0, result.stderr
+    code, _ = _run_here(tmp_path, body, capsys)
+    assert code == 0
     events = read_events(tmp_path / "out")
     assert [(e["step"], e["diagnosis"]["cause"], e["diagnosis"]["tensor"]) for e in events] == [(20, "input_nonfinite", "x")]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from nanguard.causes import CAUSES as REGISTRY
 from nanguard.events import CAUSES
-from nanguard.forensics.diagnose import FIXES, Facts, diagnose
 from nanguard.forensics.replay import ReplayOutcome
+from nanguard.forensics.rules import Facts, diagnose
 
 
 def test_every_cause_has_fixes() -> None:
-    assert set(FIXES) >= set(CAUSES)
+    assert set(REGISTRY) == set(CAUSES)
+    assert all(entry.fixes for entry in REGISTRY.values())
 
 
 def test_data_beats_state_beats_trace() -> None:

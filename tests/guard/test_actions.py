@@ -143,7 +143,7 @@ def test_three_bad_steps_in_a_row_escalate_from_skip_to_rollback(tmp_path):
     guard.close()
     actions = [(e["step"], e["action"]) for e in read_events(tmp_path)]
     assert actions == [(20, "skip"), (21, "skip"), (22, "rollback")]
-    assert guard.policy.lr_multiplier < 1.0
+    assert guard.lr_multiplier < 1.0
 
 
 class _RecordingSGD(torch.optim.SGD):

@@ -1,6 +1,6 @@
 """The always-on path with a fused optimizer never reads a device value back on the host.
 
-On CPU a read costs nothing, so the guard normally acts at once; ``_defer_host_verdict`` makes it behave as on
+On CPU a read costs nothing, so the guard normally acts at once; ``pipeline.defer_host_verdict`` makes it behave as on
 CUDA (verdicts read back later) so the logic can be checked here. The CUDA test proves it for real with
 ``torch.cuda.set_sync_debug_mode("error")`` and runs wherever a GPU is present.
 """
@@ -47,8 +47,8 @@ def test_fused_guarded_step_reads_nothing_back_on_the_host(tmp_path):
     model = make_mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
     guard = nanguard.Guard(model, opt, out_dir=tmp_path, console=False, report=False, check_weights_every=5)
-    guard._defer_host_verdict = True
-    read_back = guard._process_readbacks
+    guard.pipeline.defer_host_verdict = True
+    read_back = guard.pipeline.process
 
     def process_host_copies(*args, **kwargs):
         # Reading the pinned host copies that arrived is what the host is meant to do; on CUDA it costs no sync.
@@ -58,7 +58,7 @@ def test_fused_guarded_step_reads_nothing_back_on_the_host(tmp_path):
         finally:
             _READS_ALLOWED[0] = False
 
-    guard._process_readbacks = process_host_copies
+    guard.pipeline.process = process_host_copies
     for step, (x, y) in enumerate(batches(30)):
         if step == 20:
             x = x.clone()

@@ -8,16 +8,17 @@ from hypothesis import strategies as st
 from torch import nn
 
 from nanguard import distributed as dist_utils
-from nanguard.signals import all_finite, total_norm
+from nanguard.step.lockstep import decide_together
+from nanguard.step.norms import all_finite, total_norm
 
 
-def test_diagnose_on_bad_rank_without_distributed_runs_locally_and_survives_failures() -> None:
-    assert dist_utils.diagnose_on_bad_rank(None, lambda: "mine", lambda: "fallback") == "mine"
+def test_decide_together_without_distributed_runs_locally_and_survives_failures() -> None:
+    assert decide_together(None, lambda: "mine", lambda: "fallback") == "mine"
 
     def broken() -> str:
         raise RuntimeError("replay failed")
 
-    assert dist_utils.diagnose_on_bad_rank(1, broken, lambda: "fallback") == "fallback"
+    assert decide_together(1, broken, lambda: "fallback") == "fallback"
 
 
 def test_unwrap_model_finds_the_users_module() -> None:

@@ -115,3 +115,32 @@ def test_guard_trainer_rejects_other_objects() -> None:
 
     with pytest.raises(UsageError, match=r"transformers\.Trainer"):
         guard_trainer(object())
+
+
+def test_guard_state_is_exported_with_trainer_checkpoints_and_restored(tmp_path: Path) -> None:
+    """``NanguardCallback`` is an ``ExportableState``: the guard's state goes into ``TrainerState`` (JSON) and a
+    callback rebuilt from it (as the Trainer does on resume) continues the step count."""
+    import json
+
+    callback = NanguardCallback(console=False, report=False, out_dir=str(tmp_path / "ng"))
+    trainer = make_trainer(tmp_path, tiny_gpt2(), None)
+    trainer.add_callback(callback)
+    exported: list[dict] = []
+
+    class Snapshot(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if state.global_step == 5:
+                exported.append(json.loads(json.dumps(callback.state())))
+
+    trainer.add_callback(Snapshot())
+    trainer.train()
+    (state,) = exported
+    assert state["attributes"]["guard_state"]["tally"]["steps"] == 5
+    rebuilt = NanguardCallback(**state["args"])
+    for key, value in state["attributes"].items():
+        setattr(rebuilt, key, value)
+    resumed = make_trainer(tmp_path / "resumed", tiny_gpt2(), None)
+    resumed.add_callback(rebuilt)
+    resumed.train()
+    rows = (tmp_path / "ng" / "history.csv").read_text().splitlines()[1:]
+    assert int(rows[0].split(",")[0]) == 5  # the rebuilt guard counted on from the exported step

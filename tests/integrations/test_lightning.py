@@ -153,3 +153,29 @@ def test_nanguard_callback_refuses_other_objects() -> None:
 
     with pytest.raises(UsageError, match="Lightning"):
         nanguard_callback(object())
+
+
+def test_guard_state_travels_in_the_lightning_checkpoint(tmp_path: Path) -> None:
+    """The callback's ``state_dict`` holds the guard's: ``fit(ckpt_path=...)`` resumes statistics and step count."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from nanguard.integrations.lightning import NanguardCallback
+
+    first = NanguardCallback(console=False, report=False, out_dir=tmp_path / "first")
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=10, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path / "pl"), callbacks=[first],
+                         enable_checkpointing=False)
+    module = make_module(pl)
+    trainer.fit(module, torch.utils.data.DataLoader(dataset(None), batch_size=BATCH))
+    checkpoint = tmp_path / "ckpt.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    saved = torch.load(checkpoint, weights_only=False)
+    (state,) = [v for k, v in saved["callbacks"].items() if "NanguardCallback" in k]
+    assert state["guards"][0]["tally"]["steps"] == 10
+
+    second = NanguardCallback(console=False, report=False, out_dir=tmp_path / "second")
+    resumed = pl.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path / "pl"), callbacks=[second],
+                         enable_checkpointing=False)
+    resumed.fit(make_module(pl), torch.utils.data.DataLoader(dataset(None), batch_size=BATCH), ckpt_path=str(checkpoint))
+    rows = (tmp_path / "second" / "history.csv").read_text().splitlines()[1:]
+    assert [int(row.split(",")[0]) for row in rows] == list(range(10, STEPS))  # the guard counted on from 10

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from nanguard.forensics.checks import parse_exception
-from nanguard.forensics.diagnose import FLOAT32_NORM_OVERFLOW, Facts, diagnose
 from nanguard.forensics.replay import ReplayOutcome
+from nanguard.forensics.rules import FLOAT32_NORM_OVERFLOW, Facts, diagnose
 
 
 def _state_nan(name: str = "head.weight") -> dict:

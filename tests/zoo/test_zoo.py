@@ -1,6 +1,8 @@
 """The fault zoo, end to end: every scenario's first event is what its EXPECTED says, in API mode and
-through ``nanguard run``; events are schema-valid; recoverable faults end with finite model state; and
-the healthy variant of every scenario trains without a single event.
+through the ``nanguard run`` runner (in-process: the same code path as the command line, whose own
+subprocess tests are in tests/cli); events are schema-valid; recoverable faults end with finite model
+state; the healthy variant of every scenario trains without a single event; and after every run no
+nanguard patch is left in the process.
 
 Known guard gaps are marked ``xfail(strict=True)`` with the reason, so fixing one turns the test red
 until its mark is removed.
@@ -9,16 +11,16 @@ until its mark is removed.
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jsonschema
 import pytest
+import torch
 
+from nanguard import patches
 from nanguard.events import CAUSES
 from nanguard.zoo import load_scenarios
-from nanguard.zoo.harness import RunResult, mismatches, run_api, run_cli
+from nanguard.zoo.harness import RunResult, mismatches, run_api, run_zero_code
 from tests.conftest import load_schema
 
 SCENARIOS = load_scenarios()
@@ -26,6 +28,10 @@ NAMES = sorted(SCENARIOS)
 
 EVENT_GAPS: dict[tuple[str, str], str] = {}
 RECOVERY_GAPS: dict[str, str] = {}
+# Causes the schema has that no detector names yet (built by later issues: the zoo grows with them).
+NOT_YET_DETECTED = {"level_shift", "learning_rate_spike", "scaled_gradient_misuse", "update_underflow"}
+ORIGINAL_BACKWARD = torch.autograd.backward
+ORIGINAL_OPTIMIZER_INIT = torch.optim.Optimizer.__init__
 
 
 def _params(mode: str, gaps: dict) -> list:
@@ -48,16 +54,21 @@ class _Runs:
     def api_run(self, name: str) -> RunResult:
         if name not in self.api:
             self.api[name] = run_api(SCENARIOS[name], self.root / "api" / name)
+            _assert_no_trace()
         return self.api[name]
 
     def cli_run(self, name: str) -> RunResult:
-        if not self.cli:
-            # Subprocesses are mostly interpreter and torch start-up: run them side by side, once.
-            workers = max(2, min(4, os.cpu_count() or 2))
-            with ThreadPoolExecutor(workers) as pool:
-                results = pool.map(lambda n: run_cli(SCENARIOS[n], self.root / "cli" / n), NAMES)
-                self.cli = dict(zip(NAMES, results, strict=True))
+        if name not in self.cli:
+            self.cli[name] = run_zero_code(SCENARIOS[name], self.root / "cli" / name)
+            _assert_no_trace()
         return self.cli[name]
+
+
+def _assert_no_trace() -> None:
+    """A closed guard (and a finished ``nanguard run``) leaves nothing patched in the process."""
+    assert patches.active() == []
+    assert torch.autograd.backward is ORIGINAL_BACKWARD
+    assert torch.optim.Optimizer.__init__ is ORIGINAL_OPTIMIZER_INIT
 
 
 @pytest.fixture(scope="session")
@@ -65,8 +76,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> _Runs:
     root = tmp_path_factory.mktemp("zoo")
     (root / "api").mkdir()
     (root / "cli").mkdir()
-    for name in NAMES:
-        (root / "cli" / name).mkdir()
     return _Runs(root)
 
 
@@ -80,7 +89,7 @@ def _check_events(result: RunResult, name: str) -> None:
 
 def test_zoo_covers_every_cause_with_enough_scenarios() -> None:
     causes = {s.cause for s in SCENARIOS.values()}
-    assert causes == set(CAUSES) - {"unknown"}
+    assert causes == set(CAUSES) - {"unknown"} - NOT_YET_DETECTED
     assert len(SCENARIOS) >= 25
     shapes = {tag for s in SCENARIOS.values() for tag in s.tags}
     assert {"mlp", "cnn", "gru", "rnn", "transformer", "embedding_bag", "fp32", "bf16", "fp16"} <= shapes

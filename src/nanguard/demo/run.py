@@ -45,8 +45,8 @@ def run_demo(*, steps: int, seed: int, out_dir: Path, contrast: bool, as_json: b
         _say(console, f"\nnanguard demo: the guard did not write {report} (see the warnings above)")
 
     if as_json:
-        payload = summary.summary_json(steps=steps, seed=seed, faults=faults, guarded=guarded, unguarded=unguarded,
-                                       reference=reference, out_dir=out_dir,
+        payload = summary.summary_json((guarded, unguarded, reference), faults,
+                                       setup={"steps": steps, "seed": seed, "out_dir": out_dir},
                                        report=report if report.is_file() else None,
                                        seconds=time.perf_counter() - started)
         json.dump(payload, sys.stdout, indent=2, allow_nan=False)

@@ -122,15 +122,17 @@ def _run_json(run: RunResult | None) -> dict[str, Any] | None:
     }
 
 
-def summary_json(*, steps: int, seed: int, faults: Sequence[Fault], guarded: RunResult, unguarded: RunResult | None,
-                 reference: RunResult | None, out_dir: Path, report: Path | None, seconds: float) -> dict[str, Any]:
-    """The machine-readable summary ``--json`` prints: events, final losses, seconds."""
+def summary_json(runs: tuple[RunResult, RunResult | None, RunResult | None], faults: Sequence[Fault], *,
+                 setup: dict[str, Any], report: Path | None, seconds: float) -> dict[str, Any]:
+    """The machine-readable summary ``--json`` prints: events, final losses, seconds. ``runs`` is (guarded,
+    unguarded, reference); ``setup`` holds ``steps``, ``seed`` and ``out_dir``."""
+    guarded, unguarded, reference = runs
     guarded_json = _run_json(guarded) or {}
     guarded_json.update({key: guarded.guard_summary.get(key) for key in ("skipped", "rollbacks", "events")})
     guarded_json["aborted"] = guarded.aborted
     return {
-        "steps": steps,
-        "seed": seed,
+        "steps": setup["steps"],
+        "seed": setup["seed"],
         "faults": [
             {"kind": f.kind, "step": f.step, "description": f.description, "expected_cause": f.expected_cause,
              "injected_at": _injected_steps(f.kind, guarded.injected)}
@@ -145,7 +147,7 @@ def summary_json(*, steps: int, seed: int, faults: Sequence[Fault], guarded: Run
         "guarded": guarded_json,
         "unguarded": _run_json(unguarded),
         "reference": _run_json(reference),
-        "out_dir": str(out_dir),
+        "out_dir": str(setup["out_dir"]),
         "report": str(report) if report is not None else None,
         "seconds": round(seconds, 3),
     }

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from nanguard.distributed import materialize
-from nanguard.forensics.trace import _rows_with
+from nanguard.forensics.trace import rows_with
 
 # A field counts as extreme when its abs-max is this many times the median of earlier batches.
 EXTREME_SCALE_RATIO = 100.0
@@ -37,7 +37,7 @@ def batch_nonfinite(batch: dict[str, Any]) -> list[dict[str, Any]]:
         with torch.no_grad():
             nan, inf = torch.stack([t.isnan().sum(), t.isinf().sum()]).tolist()
             if nan or inf:
-                rows = _rows_with(~torch.isfinite(t.detach()))
+                rows = rows_with(~torch.isfinite(t.detach()))
                 found.append(
                     {"field": name, "nan": int(nan), "inf": int(inf), "numel": t.numel(), "rows": rows}
                 )

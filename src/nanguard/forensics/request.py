@@ -12,23 +12,7 @@ from typing import Any
 
 import torch
 
-
-@dataclass(kw_only=True)
-class RngState:
-    """Generator states taken just before the step's forward, so a replay draws the same dropout masks."""
-
-    cpu: torch.Tensor
-    cuda: list[torch.Tensor] | None = None
-
-    @classmethod
-    def capture(cls) -> RngState:
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-        return cls(cpu=torch.get_rng_state(), cuda=cuda)
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
+from nanguard.state import RngState
 
 
 @dataclass(kw_only=True)
@@ -74,3 +58,6 @@ class InvestigationRequest:
     spike_stats: dict[str, float] = field(default_factory=dict)
     # An exception raised by the step itself (e.g. "Target 101 is out of bounds"), if that is the event.
     exception: BaseException | None = None
+
+
+__all__ = ["InvestigationRequest", "RngState", "StepCapture"]

@@ -37,7 +37,6 @@ import torch
 
 from nanguard import distributed as dist_utils
 from nanguard._optional import require
-from nanguard.guard import Guard
 from nanguard.integrations._guard import IntegrationGuard, inner_optimizer
 
 
@@ -56,7 +55,6 @@ def guard_accelerator(accelerator: Any, model: torch.nn.Module, optimizer: Any, 
         replay_wrappers=[model] if model is not user_model else [], **guard_kwargs,
     )
     report_skips_to(optimizer, guard)
-    guard.on_close(lambda: release(accelerator, optimizer))
     if scheduler is not None and not _honours_step_was_skipped(scheduler):  # AcceleratedScheduler reads step_was_skipped
         guard.attach_scheduler(scheduler)
     note_clip_norms(accelerator, guard)
@@ -81,8 +79,8 @@ def is_accelerated_optimizer(optimizer: Any) -> bool:
     return type(optimizer).__name__ == "AcceleratedOptimizer" and hasattr(optimizer, "gradient_state")
 
 
-def report_skips_to(optimizer: Any, guard: Guard) -> None:
-    """Make an ``AcceleratedOptimizer`` report the guard's skips as ``step_was_skipped``.
+def report_skips_to(optimizer: Any, guard: IntegrationGuard) -> None:
+    """Make an ``AcceleratedOptimizer`` report the guard's skips as ``step_was_skipped`` (until the guard closes).
 
     Also re-points Accelerate's fp16 step patching at the guarded step: without that, the
     ``AcceleratedOptimizer`` would call (and re-install) the optimizer's original, unguarded ``step``.
@@ -92,8 +90,8 @@ def report_skips_to(optimizer: Any, guard: Guard) -> None:
     if getattr(optimizer, "scaler", None) is not None and hasattr(optimizer, "_optimizer_original_step_method"):
         from accelerate.optimizer import patch_optimizer_step
 
-        optimizer._optimizer_original_step_method = guard.optimizer.step
-        optimizer._optimizer_patched_step_method = patch_optimizer_step(optimizer, guard.optimizer.step)
+        guard.patch(optimizer, "_optimizer_original_step_method", guard.optimizer.step)
+        guard.patch(optimizer, "_optimizer_patched_step_method", patch_optimizer_step(optimizer, guard.optimizer.step))
         guard.attach_scaler(optimizer.scaler)
     original = optimizer.step
 
@@ -107,18 +105,15 @@ def report_skips_to(optimizer: Any, guard: Guard) -> None:
             self._is_overflow = overflow or skipped
         return result
 
-    step._nanguard = guard  # type: ignore[attr-defined]
     step.__wrapped__ = original  # type: ignore[attr-defined]
     if getattr(original, "_wrapped_by_lr_sched", False):
         step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]  # what an LR scheduler checks for
-    optimizer.step = types.MethodType(step, optimizer)
+    guard.patch(optimizer, "step", types.MethodType(step, optimizer))
 
 
-def note_clip_norms(accelerator: Any, guard: Guard) -> None:
+def note_clip_norms(accelerator: Any, guard: IntegrationGuard) -> None:
     """Hand the norm ``accelerator.clip_grad_norm_`` computes to the guard (it is the same quantity)."""
     original = accelerator.clip_grad_norm_
-    if getattr(original, "_nanguard", None) is not None:
-        original = original.__wrapped__
     owned = {id(p) for group in guard.optimizer.param_groups for p in group["params"]}
 
     def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2) -> Any:
@@ -129,20 +124,5 @@ def note_clip_norms(accelerator: Any, guard: Guard) -> None:
             guard.note_clip_norm(dist_utils.materialize(norm), counted)
         return norm
 
-    clip_grad_norm_._nanguard = guard  # type: ignore[attr-defined]
     clip_grad_norm_.__wrapped__ = original  # type: ignore[attr-defined]
-    accelerator.clip_grad_norm_ = clip_grad_norm_
-
-
-def release(accelerator: Any | None, optimizer: Any) -> None:
-    """Undo :func:`report_skips_to` and :func:`note_clip_norms` (the guard itself is closed separately)."""
-    clip = getattr(accelerator, "clip_grad_norm_", None) if accelerator is not None else None
-    if getattr(clip, "_nanguard", None) is not None:
-        accelerator.clip_grad_norm_ = clip.__wrapped__  # type: ignore[union-attr]
-    ours = getattr(optimizer.step, "__func__", None)
-    if is_accelerated_optimizer(optimizer) and getattr(ours, "_nanguard", None) is not None:
-        original = ours.__wrapped__  # type: ignore[union-attr]
-        if getattr(original, "__func__", None) is type(optimizer).step:
-            del optimizer.step
-        else:
-            optimizer.step = original  # e.g. the LR scheduler's step-counting wrapper
+    guard.patch(accelerator, "clip_grad_norm_", clip_grad_norm_)

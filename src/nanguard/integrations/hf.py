@@ -37,18 +37,26 @@ from nanguard.integrations._guard import IntegrationGuard, inner_optimizer
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback as _CallbackBase
+    from transformers.trainer_callback import ExportableState as _Exportable
 else:
-    _CallbackBase = require("transformers", extra="hf", feature="nanguard.integrations.hf").TrainerCallback
+    _transformers = require("transformers", extra="hf", feature="nanguard.integrations.hf")
+    _CallbackBase = _transformers.TrainerCallback
+    _Exportable = getattr(_transformers.trainer_callback, "ExportableState", object)
 
 
-class NanguardCallback(_CallbackBase):
-    """Guards every optimizer step of a ``Trainer``. ``guard_kwargs`` go to :class:`~nanguard.Guard`."""
+class NanguardCallback(_CallbackBase, _Exportable):
+    """Guards every optimizer step of a ``Trainer``. ``guard_kwargs`` go to :class:`~nanguard.Guard`.
+
+    The guard's state travels in the Trainer's checkpoints (``TrainerState.stateful_callbacks``); the Trainer
+    puts it back on ``resume_from_checkpoint`` when ``restore_callback_states_from_checkpoint=True``.
+    """
 
     def __init__(self, *, out_dir: str | Path | None = None, trainer: Any = None, **guard_kwargs: Any) -> None:
         self.out_dir = out_dir
         self.guard_kwargs = guard_kwargs
         self.trainer = trainer
         self.guard: IntegrationGuard | None = None
+        self.guard_state: dict[str, Any] | None = None
         self._seen_events = 0
         self._nonfinite_since_log = 0
         self._warned = False
@@ -109,7 +117,6 @@ class NanguardCallback(_CallbackBase):
         from nanguard.integrations.accelerate import (
             is_accelerated_optimizer,
             note_clip_norms,
-            release,
             report_skips_to,
         )
 
@@ -124,9 +131,19 @@ class NanguardCallback(_CallbackBase):
             guard.attach_scheduler(lr_scheduler)
         if accelerator is not None:
             note_clip_norms(accelerator, guard)
-        guard.on_close(functools.partial(release, accelerator, optimizer))
+        if self.guard_state is not None:
+            guard.load_state_dict(self.guard_state)
+            self.guard_state = None
         self.guard = guard
         self._seen_events = 0
+
+    def state(self) -> dict[str, Any]:
+        """What the Trainer saves with a checkpoint (JSON): the callback's options and the guard's state."""
+        args = {k: v for k, v in self.guard_kwargs.items() if isinstance(v, (str, int, float, bool, type(None)))}
+        if self.out_dir is not None:
+            args["out_dir"] = str(self.out_dir)
+        state = self.guard.state_dict() if self.guard is not None else self.guard_state
+        return {"args": args, "attributes": {"guard_state": state}}
 
     def close(self, status: str = "finished") -> None:
         guard, self.guard = self.guard, None

@@ -24,7 +24,9 @@ How it fits Lightning:
   guard sees the step (a closure can hold collectives, or do nothing at all), and the replay uses the
   recorded ``LightningModule.forward`` call instead;
 * step-interval LR schedulers are held on skipped steps; epoch-interval ones are left alone;
-* records go to ``<default_root_dir>/nanguard`` unless ``out_dir`` is given; only rank 0 writes.
+* records go to ``<default_root_dir>/nanguard`` unless ``out_dir`` is given; only rank 0 writes;
+* the guards' state (statistics, counters, LR multiplier, step count) is part of the callback's
+  ``state_dict``, so Lightning saves it in every checkpoint and ``trainer.fit(ckpt_path=...)`` brings it back.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class _GuardCallbackLogic:
         self.out_dir = out_dir
         self.guard_kwargs = guard_kwargs
         self.guards: list[IntegrationGuard] = []
+        self._restored: list[dict[str, Any]] | None = None
+        self._final: list[dict[str, Any]] = []  # the guards' states when fit ended (a checkpoint saved after fit)
 
     @property
     def guard(self) -> IntegrationGuard | None:
@@ -68,8 +72,26 @@ class _GuardCallbackLogic:
                 if getattr(config.scheduler, "optimizer", None) is optimizer and config.interval == "step":
                     guard.attach_scheduler(config.scheduler)
             if closure_outside:
-                guard.on_close(run_closure_outside(guard))
+                run_closure_outside(guard)
             self.guards.append(guard)
+        self._apply_restored()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved by Lightning in every checkpoint: each guard's :meth:`~nanguard.Guard.state_dict`."""
+        return {"guards": [guard.state_dict() for guard in self.guards] if self.guards else list(self._final)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Called by Lightning on resume, before or after ``on_fit_start`` depending on the strategy."""
+        self._restored = list(state_dict.get("guards", []))
+        if self.guards:
+            self._apply_restored()
+
+    def _apply_restored(self) -> None:
+        if self._restored is None or not self.guards:
+            return
+        for guard, state in zip(self.guards, self._restored, strict=False):
+            guard.load_state_dict(state)
+        self._restored = None
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self.close()
@@ -79,6 +101,8 @@ class _GuardCallbackLogic:
 
     def close(self, status: str = "finished") -> None:
         guards, self.guards = self.guards, []
+        if guards:
+            self._final = [guard.state_dict() for guard in guards]
         for guard in guards:
             guard.close(status=status)
 

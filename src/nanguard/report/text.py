@@ -13,6 +13,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from nanguard.causes import CAUSES as _CAUSES
+
 TRIGGER_WORDS = {
     "nonfinite_loss": "non-finite loss",
     "nonfinite_grad": "non-finite gradient",
@@ -34,26 +36,8 @@ ACTION_WORDS = {
     "abort": "aborted",
 }
 
-CAUSE_WORDS = {
-    "input_nonfinite": "a batch tensor holds NaN/Inf",
-    "label_out_of_range": "a class label is outside [0, num_classes)",
-    "input_extreme_scale": "input values far outside the scale of the rest of the data",
-    "weights_nonfinite": "the weights were already non-finite before the step",
-    "optimizer_state_nonfinite": "optimizer state (e.g. Adam moments) is non-finite",
-    "forward_overflow": "an op overflowed its dtype in the forward pass",
-    "masked_softmax_all_masked": "a softmax row with every entry masked to -inf",
-    "masked_target_logit": "the target class's logit is masked to -inf",
-    "invalid_math_domain": "log/sqrt/div outside their domain (log 0, x/0, sqrt of <0)",
-    "backward_singularity": "forward finite, but an op's derivative is not",
-    "backward_overflow": "a gradient overflowed fp16/bf16",
-    "gradient_explosion": "gradients grew far past their running scale",
-    "loss_spike": "finite loss far above its running scale",
-    "divergence": "the loss trends upward over many steps (learning rate too high)",
-    "update_overflow": "the optimizer update made the weights non-finite",
-    "batchnorm_degenerate": "batch statistics of a single sample or zero variance",
-    "nondeterministic": "a replay of the same step was finite: a transient fault",
-    "unknown": "the evidence did not decide the cause",
-}
+CAUSE_WORDS = {name: entry.words for name, entry in _CAUSES.items()}
+"""Plain words for each cause, from the cause registry (:mod:`nanguard.causes`)."""
 
 
 NEWER_CAUSE_WORDS = {

@@ -6,6 +6,8 @@ the same way.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import subprocess
@@ -101,6 +103,27 @@ def run_api(scenario: Scenario, out_dir: Path, *, fault: bool = True, steps: int
             guard.close(status="error")
     seconds = time.perf_counter() - started
     return RunResult("api", final, read_events(out_dir), seconds, weights_finite(guards), error,
+                     out_dir=out_dir, history=read_history(out_dir))
+
+
+def run_zero_code(scenario: Scenario, out_dir: Path, *, policy: str = "safe", report: bool = False) -> RunResult:
+    """Run the scenario's file unmodified through the ``nanguard run`` runner, in this process.
+
+    The same code path as the command line, without a new interpreter: the runner installs its patches,
+    runs the script as ``__main__`` and takes every patch out again (the zoo tests check that it did).
+    The HTML report is left out unless asked for (``report=True``): it is not what a zoo run judges.
+    """
+    from nanguard.config import resolve_config
+    from nanguard.zero_code import run_script
+
+    config = resolve_config(policy, out_dir=str(out_dir), console=False, report=report)
+    started = time.perf_counter()
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        returncode = run_script(scenario.path, [], config)
+    seconds = time.perf_counter() - started
+    error = stderr.getvalue()[-2000:] if returncode else None
+    return RunResult("zero-code", None, read_events(out_dir), seconds, None, error, returncode=returncode,
                      out_dir=out_dir, history=read_history(out_dir))
 
 

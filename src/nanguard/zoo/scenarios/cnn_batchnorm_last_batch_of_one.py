@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-EXPECTED = {"step": 5, "trigger": "nonfinite_loss", "cause": "batchnorm_degenerate", "phase": "forward",
+EXPECTED = {"step": 5, "trigger": "exception", "cause": "batchnorm_degenerate", "phase": "forward",
             "module": "head_norm", "op": "aten::batch_norm", "tensor": None}
 RECOVERABLE = False
 CRASHES = True

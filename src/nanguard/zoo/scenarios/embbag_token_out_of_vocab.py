@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-EXPECTED = {"step": 9, "trigger": "nonfinite_loss", "cause": "label_out_of_range", "phase": "data",
+EXPECTED = {"step": 9, "trigger": "exception", "cause": "label_out_of_range", "phase": "data",
             "module": "embed", "op": None, "tensor": "tokens"}
 RECOVERABLE = False
 CRASHES = True

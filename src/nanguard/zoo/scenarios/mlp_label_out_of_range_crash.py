@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-EXPECTED = {"step": 14, "trigger": "nonfinite_loss", "cause": "label_out_of_range", "phase": "data",
+EXPECTED = {"step": 14, "trigger": "exception", "cause": "label_out_of_range", "phase": "data",
             "module": None, "op": "aten::nll_loss_forward", "tensor": "y"}
 RECOVERABLE = False
 CRASHES = True

@@ -1,26 +1,26 @@
 """Zero-code mode: ``nanguard run [--out DIR] [--policy NAME] SCRIPT [ARGS...]``.
 
-The script runs unmodified, as ``__main__``, with a few PyTorch entry points patched for its duration:
+The script runs unmodified, as ``__main__``, with a few PyTorch entry points patched for its duration
+(all through one :class:`~nanguard.patches.Patches`, undone when the script ends):
 
 * ``torch.optim.Optimizer.__init__``: every optimizer the script creates gets a :class:`~nanguard.Guard`.
   The model(s) it trains are found by looking, in the creating frames, for modules that own its
-  parameters (and again at the first step if none was found then).
-* ``torch.amp.GradScaler.scale``/``step``: losses are read unscaled; the scaler's own overflow skips are
-  counted, not reported.
-* ``LRScheduler.__init__``: schedulers are held back on skipped steps.
+  parameters (and again at the first step if none was found then);
+* ``LRScheduler.__init__``: schedulers are held back on skipped steps;
 * ``torch.nn.utils.clip_grad_norm_``: the norm the script computes is reused, not computed twice.
 
-Replay without a closure works from what :mod:`nanguard.capture` records each step: the root module's
-call arguments and RNG state, and the loss operators between the model's return and ``backward()``.
-If the script raises, the exception is diagnosed (e.g. a class target out of range), written as an
-``abort`` event, and re-raised, so the exit status is the script's own.
+GradScalers need nothing extra: every guard watches them (see :mod:`nanguard.step.scaler`). All guards
+of the run write to one :class:`~nanguard.records.RunRecords`, exactly as a Guard would on its own.
+
+Replay without a closure works from what :mod:`nanguard.forensics.capture` records each step. If the
+script raises, the exception is diagnosed (e.g. a class target out of range), written as an
+``exception`` event (action ``abort``), and re-raised, so the exit status is the script's own.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import runpy
 import sys
 import traceback
@@ -31,11 +31,13 @@ from typing import Any
 
 import torch
 
-from nanguard.capture import is_library_module
+from nanguard import distributed as dist_utils
 from nanguard.config import PRESETS, GuardConfig, resolve_config
 from nanguard.errors import TrainingAborted, UsageError
-from nanguard.guard import _ACTIVE_GUARDS, Guard, _set_aside_previous_run
-from nanguard.record import EventLog, HistoryLog, Sink, write_json_atomic
+from nanguard.forensics.naming import is_library_module
+from nanguard.guard import Guard
+from nanguard.patches import Patches
+from nanguard.records import RunRecords, merge_summaries
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,26 +57,13 @@ def main(args: argparse.Namespace) -> int:
 
 
 class Session:
-    """Owns the run directory and the guards of one zero-code run."""
+    """The guards and the records of one zero-code run."""
 
     def __init__(self, config: GuardConfig) -> None:
         self.config = config
-        self.out_dir = Path(config.out_dir)
+        self.records = RunRecords(config.out_dir, config, writer=dist_utils.rank() == 0)
         self.guards: list[Guard] = []
         self._by_optimizer: weakref.WeakKeyDictionary[torch.optim.Optimizer, Guard] = weakref.WeakKeyDictionary()
-        rank = int(os.environ.get("RANK", "0") or 0)
-        self.is_writer = rank == 0
-        self.sinks: list[Sink] = []
-        if self.is_writer:
-            _set_aside_previous_run(self.out_dir)
-            self.sinks = [EventLog(self.out_dir / "events.jsonl"), HistoryLog(self.out_dir / "history.csv")]
-            if config.console:
-                try:
-                    from nanguard.console import LiveConsole
-
-                    self.sinks.append(LiveConsole())
-                except ImportError:
-                    pass
         self._closed = False
 
     def guard_of(self, optimizer: torch.optim.Optimizer) -> Guard | None:
@@ -84,47 +73,38 @@ class Session:
         if optimizer in self._by_optimizer:
             return
         models = find_models(optimizer)
-        guard = Guard(
-            models, optimizer, config=self.config.replace(report=False, console=False), out_dir=self.out_dir,
-            sinks=self.sinks, own_records=False,
-        )
+        guard = Guard(models, optimizer, config=self.config, out_dir=self.records.out_dir, records=self.records)
         if not models:
             guard.find_models = lambda: find_models(optimizer, start_depth=4, max_frames=16)
         self.guards.append(guard)
         self._by_optimizer[optimizer] = guard
 
+    def note_clip_norm(self, params: list[torch.Tensor], norm: torch.Tensor) -> None:
+        """A ``clip_grad_norm_`` call: the guard of those parameters reuses the norm."""
+        ids = {id(p) for p in params}
+        for guard in self.guards:
+            owned = [p for p in guard.subjects.params() if id(p) in ids]
+            if owned:
+                guard.note_clip_norm(norm, sum(1 for p in params if p.grad is not None))
+
+    def record_crash(self, exc: BaseException) -> None:
+        """The script raised: the first guard writes the ``exception`` event for it."""
+        if not self.guards or isinstance(exc, KeyboardInterrupt):
+            return
+        event = self.guards[0].record_crash(exc)
+        if event is not None and not self.config.console:
+            print(event.summary(), file=sys.stderr)
+
     def close(self, status: str) -> None:
         if self._closed:
             return
         self._closed = True
-        summaries = []
         for guard in self.guards:
             with contextlib.suppress(TrainingAborted):
                 guard.close(status=status)
-            summaries.append(guard.summary())
-        if not self.is_writer:
-            return
-        summary = _merge_summaries(summaries, status)
-        write_json_atomic(self.out_dir / "summary.json", summary)
-        for sink in self.sinks:
-            sink.close(summary)
-        if self.config.report:
-            try:
-                from nanguard.report import render_report
-
-                path = render_report(self.out_dir)
-                print(f"[nanguard] report: {path}", file=sys.stderr)
-            except Exception as exc:  # the report must never change the script's outcome
-                print(f"[nanguard] could not write the report: {exc}", file=sys.stderr)
-
-
-def _merge_summaries(summaries: list[dict[str, Any]], status: str) -> dict[str, Any]:
-    merged: dict[str, Any] = {"status": status, "optimizers": len(summaries)}
-    for key in ("steps", "skipped", "rollbacks", "clipped", "events"):
-        merged[key] = sum(s.get(key, 0) for s in summaries)
-    merged["causes"] = sorted({c for s in summaries for c in s.get("causes", [])})
-    merged["aborted"] = any(s.get("aborted") for s in summaries)
-    return merged
+        summaries = [guard.summary() for guard in self.guards] or [
+            {"steps": 0, "skipped": 0, "rollbacks": 0, "clipped": 0, "events": 0, "causes": [], "aborted": False}]
+        self.records.close(merge_summaries(summaries, status), announce=True)
 
 
 def find_models(optimizer: torch.optim.Optimizer, start_depth: int = 2, max_frames: int = 12) -> list[torch.nn.Module]:
@@ -140,12 +120,8 @@ def find_models(optimizer: torch.optim.Optimizer, start_depth: int = 2, max_fram
                 for item in _modules_in(value):
                     candidates.setdefault(id(item), item)
         frame = frame.f_back  # type: ignore[assignment]
-    scored = []
-    for module in candidates.values():
-        owned = {id(p) for p in module.parameters()} & wanted
-        if owned:
-            scored.append((len(owned), module))
-    scored.sort(key=lambda item: -item[0])
+    scored = [(len({id(p) for p in m.parameters()} & wanted), m) for m in candidates.values()]
+    scored = sorted((s for s in scored if s[0]), key=lambda item: -item[0])
     chosen: list[torch.nn.Module] = []
     covered: set[int] = set()
     for _, module in scored:
@@ -162,38 +138,26 @@ def _modules_in(value: Any) -> Iterator[torch.nn.Module]:
     if isinstance(value, torch.nn.Module):
         yield value
     elif isinstance(value, (list, tuple)) and len(value) < 16:
-        for item in value:
-            if isinstance(item, torch.nn.Module):
-                yield item
+        yield from (item for item in value if isinstance(item, torch.nn.Module))
     elif isinstance(value, dict) and len(value) < 64:
-        for item in value.values():
-            if isinstance(item, torch.nn.Module):
-                yield item
+        yield from (item for item in value.values() if isinstance(item, torch.nn.Module))
     elif hasattr(value, "__dict__") and not isinstance(value, type) and type(value).__module__ not in ("builtins",):
         try:
             attributes = vars(value)
         except TypeError:
             return
-        for item in list(attributes.values())[:64]:
-            if isinstance(item, torch.nn.Module):
-                yield item
+        yield from (item for item in list(attributes.values())[:64] if isinstance(item, torch.nn.Module))
 
 
 def _contains(parent: torch.nn.Module, child: torch.nn.Module) -> bool:
     return any(m is child for m in parent.modules())
 
 
-@contextlib.contextmanager
-def patched(session: Session) -> Iterator[None]:
-    """Install the zero-code patches for the duration of the block, and take them all out again."""
+def install(session: Session) -> Patches:
+    """Patch the entry points the session needs; ``undo()`` the returned patches to take them all out."""
     from torch.optim import lr_scheduler
 
-    undo: list[tuple[Any, str, Any]] = []
-
-    def patch(owner: Any, name: str, replacement: Any) -> None:
-        undo.append((owner, name, getattr(owner, name)))
-        setattr(owner, name, replacement)
-
+    patches = Patches()
     original_init = torch.optim.Optimizer.__init__
 
     def optimizer_init(self: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> None:
@@ -203,7 +167,7 @@ def patched(session: Session) -> Iterator[None]:
         except Exception as exc:  # never break the user's script because the guard could not attach
             print(f"[nanguard] could not guard {type(self).__name__}: {exc}", file=sys.stderr)
 
-    patch(torch.optim.Optimizer, "__init__", optimizer_init)
+    patches.replace(torch.optim.Optimizer, "__init__", optimizer_init)
 
     scheduler_base = getattr(lr_scheduler, "LRScheduler", None) or lr_scheduler._LRScheduler
     original_scheduler_init = scheduler_base.__init__
@@ -214,58 +178,31 @@ def patched(session: Session) -> Iterator[None]:
         if guard is not None:
             guard.attach_scheduler(self)
 
-    patch(scheduler_base, "__init__", scheduler_init)
-
-    scaler_classes = [torch.amp.GradScaler] if hasattr(torch.amp, "GradScaler") else []
-    for scaler_class in scaler_classes:
-        original_scale, original_step = scaler_class.scale, scaler_class.step
-
-        def scale(self: Any, outputs: Any, _original: Any = original_scale) -> Any:
-            scaled = _original(self, outputs)
-            if isinstance(outputs, torch.Tensor) and isinstance(scaled, torch.Tensor):
-                for guard in list(_ACTIVE_GUARDS):
-                    guard._note_scaled(scaled, outputs)
-            return scaled
-
-        def step(self: Any, optimizer: torch.optim.Optimizer, *args: Any, _original: Any = original_step, **kwargs: Any) -> Any:
-            guard = session.guard_of(optimizer)
-            if guard is None or getattr(self, "_nanguard_guard", None) is guard:
-                return _original(self, optimizer, *args, **kwargs)
-            guard.attach_scaler(self)
-            return self.step(optimizer, *args, **kwargs)
-
-        patch(scaler_class, "scale", scale)
-        patch(scaler_class, "step", step)
-
+    patches.replace(scheduler_base, "__init__", scheduler_init)
     original_clip = torch.nn.utils.clip_grad_norm_
 
     def clip_grad_norm_(parameters: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
         norm = original_clip(params, *args, **kwargs)
-        for guard in session.guards:
-            guard.note_clip_norm(norm, sum(1 for p in params if p.grad is not None))
+        session.note_clip_norm(params, norm)
         return norm
 
-    patch(torch.nn.utils, "clip_grad_norm_", clip_grad_norm_)
+    patches.replace(torch.nn.utils, "clip_grad_norm_", clip_grad_norm_)
     if hasattr(torch.nn.utils, "clip_grad"):
-        patch(torch.nn.utils.clip_grad, "clip_grad_norm_", clip_grad_norm_)
-    try:
-        yield
-    finally:
-        for owner, name, value in reversed(undo):
-            setattr(owner, name, value)
+        patches.replace(torch.nn.utils.clip_grad, "clip_grad_norm_", clip_grad_norm_)
+    return patches
 
 
 def run_script(script: Path, script_args: list[str], config: GuardConfig) -> int:
-    """Run ``script`` as ``__main__`` under the guard; return its exit status."""
+    """Run ``script`` as ``__main__`` under the guard; return its exit status. Leaves no patch behind."""
     session = Session(config)
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     sys.argv = [str(script), *script_args]
     sys.path.insert(0, str(script.resolve().parent))
     status = 0
+    patches = install(session)
     try:
-        with patched(session):
-            runpy.run_path(str(script), run_name="__main__")
+        runpy.run_path(str(script), run_name="__main__")
     except SystemExit as exc:
         status = _exit_status(exc.code)
     except TrainingAborted as exc:
@@ -274,10 +211,11 @@ def run_script(script: Path, script_args: list[str], config: GuardConfig) -> int
         session.close("aborted")
     except BaseException as exc:
         _print_user_traceback(exc, script)
-        _diagnose_crash(session, exc)
+        session.record_crash(exc)
         status = 130 if isinstance(exc, KeyboardInterrupt) else 1
         session.close("error")
     finally:
+        patches.undo()
         sys.argv, sys.path = saved_argv, saved_path
         session.close("finished" if status == 0 else "error")
     return status
@@ -306,11 +244,4 @@ def _exit_status(code: Any) -> int:
     return 1
 
 
-def _diagnose_crash(session: Session, exc: BaseException) -> None:
-    """The step raised (e.g. ``Target 101 is out of bounds``): the first guard writes an abort event for it."""
-    guard = session.guards[0] if session.guards else None
-    if guard is None or isinstance(exc, KeyboardInterrupt):
-        return
-    event = guard.record_crash(exc)
-    if event is not None and not session.config.console:
-        print(event.summary(), file=sys.stderr)
+__all__ = ["Session", "add_arguments", "find_models", "install", "main", "run_script"]

@@ -1,0 +1,255 @@
+"""What the guard does with a verdict: learn from a good step, act on a bad one, write both down.
+
+A good step teaches the detector, resets the escalation, may refresh a snapshot and is checked for a
+slow divergence. A bad step is diagnosed (forensics within its budget, or the triage), the policy picks
+the rung of the ladder (skip, roll back, back off the LR, abort), the action is carried out, and the
+event and the history row are recorded. The parts it works with are the guard's, handed over in
+:class:`Parts`; the step's own data (the verdict and its context) arrive as arguments.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nanguard.actions.divergence import DivergenceWatch
+from nanguard.actions.lr import LearningRate
+from nanguard.actions.policy import Action, Decision, EscalationPolicy
+from nanguard.actions.rollback import Rollback
+from nanguard.causes import DATA_CAUSES, STATE_CAUSES
+from nanguard.config import GuardConfig
+from nanguard.errors import TrainingAborted
+from nanguard.events import Diagnosis, Event
+from nanguard.forensics.capture import ForwardCall, step_capture
+from nanguard.forensics.desk import Case, Desk
+from nanguard.forensics.naming import tensors_from_traceback
+from nanguard.forensics.request import StepCapture
+from nanguard.records import RunRecords, Tally
+from nanguard.state import Subjects
+from nanguard.step.detector import Detector
+from nanguard.step.verdict import Limits, Verdict
+
+
+@dataclass
+class StepContext:
+    """The host-side facts of one step that travel with its verdict (nothing else remembers them)."""
+
+    step: int
+    limits: Limits
+    has_loss: bool
+    calls: list[ForwardCall] = field(default_factory=list)
+    closure: StepCapture | None = None
+    lockstep: bool = False  # decided in an all-gather with every rank: the event path may talk to them too
+
+
+@dataclass
+class Parts:
+    """The guard's parts the responder acts through."""
+
+    config: GuardConfig
+    subjects: Subjects
+    detector: Detector
+    policy: EscalationPolicy
+    lr: LearningRate
+    rollback: Rollback
+    divergence: DivergenceWatch
+    desk: Desk
+    records: RunRecords
+    tally: Tally
+    events: list[Event]
+    rank: int
+
+
+class Responder:
+    """Turns verdicts into actions and records. ``close`` is the guard's, for an abort."""
+
+    def __init__(self, parts: Parts, close: Callable[[str], None]) -> None:
+        self.parts = parts
+        self.close = close
+        self.streak_start: int | None = None
+        self.scaler_streak = 0
+        self.forced_skips = 0
+        self.aborted = False
+
+    # ------------------------------------------------------------------ good steps
+    def on_good(self, verdict: Verdict, context: StepContext) -> None:
+        p = self.parts
+        p.detector.learn(verdict, accepted=True)
+        if p.policy.consecutive_bad:
+            p.policy.on_good_step()
+        if p.lr.multiplier < 1.0:
+            p.lr.on_good_step()
+        self.streak_start = None
+        self.scaler_streak = 0
+        if verdict.clipped:
+            p.tally.clipped += 1
+        if context.has_loss:
+            p.desk.remember_good(context.calls, context.closure, verdict.loss)
+        self._row(verdict, Action.CLIP.value if verdict.clipped else Action.NONE.value, "")
+        p.rollback.on_good_step(verdict.step)
+        if verdict.loss is not None:
+            line = p.divergence.observe(verdict.loss)
+            if line is not None:
+                self.on_bad(verdict, StepContext(verdict.step, verdict.limits, context.has_loss), trigger="divergence",
+                            evidence=[line])
+
+    def on_scaler_overflow(self, verdict: Verdict) -> None:
+        """GradScaler's own overflow skip: normal early in fp16 training, an event only if it persists."""
+        p = self.parts
+        p.detector.learn(verdict, accepted=False)
+        self.scaler_streak += 1
+        p.tally.skipped += 1
+        self._row(verdict, Action.SKIP.value, "")
+        patience = p.config.scaler_overflow_patience
+        if self.scaler_streak < patience:
+            return
+        self.scaler_streak = 0
+        scale = verdict.loss_scale if verdict.loss_scale is not None else math.nan
+        diagnosis = Diagnosis(
+            cause="backward_overflow", phase="backward", confidence=0.6,
+            evidence=[f"GradScaler skipped {patience} steps in a row; loss scale is now {scale:.3g}"],
+            fixes=["find the layer whose gradients overflow float16 (run with the 'forensic' preset)",
+                   "train in bf16 instead of fp16", "lower the learning rate"],
+        )
+        self._emit(Event(step=verdict.step, trigger="nonfinite_grad", action=Action.SKIP.value, diagnosis=diagnosis,
+                         loss=verdict.loss, grad_norm=verdict.grad_norm, lr=p.lr.current(), rank=p.rank))
+
+    def forced_skip(self, step: int) -> bool:
+        """After a rollback, ``skip_after_rollback`` steps are skipped unseen; True when this one is."""
+        if self.forced_skips <= 0:
+            return False
+        self.forced_skips -= 1
+        self.parts.tally.skipped += 1
+        self.parts.lr.hold_next()
+        self._row(Verdict(step=step, loss=None, grad_norm=math.nan), Action.SKIP.value, "")
+        return True
+
+    # ------------------------------------------------------------------ bad steps
+    def on_bad(self, verdict: Verdict, context: StepContext, *, update_applied: bool = False,
+               state_is_pre_step: bool = True, trigger: str | None = None, evidence: list[str] | None = None) -> None:
+        p = self.parts
+        trigger = trigger or verdict.trigger
+        if self.streak_start is None:
+            self.streak_start = verdict.step
+        bad_rank = verdict.bad_rank
+        case = self._case(verdict, context, trigger, update_applied, state_is_pre_step)
+        funded = p.desk.fund(case)
+        diagnosis, details = p.desk.diagnose(case, funded)
+        if evidence:
+            diagnosis.evidence = [*evidence, *diagnosis.evidence]
+        suspect = False
+        if trigger != "divergence" and not update_applied and diagnosis.cause not in DATA_CAUSES | STATE_CAUSES:
+            suspect, line = p.desk.damaged_by_update(case, funded)
+            if line:
+                diagnosis.evidence.append(line)
+            if suspect:
+                p.lr.blame(verdict.step, diagnosis)
+        decision = p.policy.decide(trigger, diagnosis.cause, can_rollback=p.rollback.can_restore(),
+                                   update_applied=update_applied or suspect)
+        if decision.lr_backoff:
+            p.lr.back_off()
+        if decision.drops_update and not update_applied:
+            p.tally.skipped += 1
+            p.lr.hold_next()
+        if bad_rank is not None:
+            details["rank_flags"] = [list(row) for row in verdict.ranks]
+        event = Event(step=verdict.step, trigger=trigger, action=decision.action.value, diagnosis=diagnosis,
+                      loss=verdict.rank_loss(bad_rank) if bad_rank is not None else verdict.loss,
+                      grad_norm=verdict.grad_norm, lr=p.lr.current(), rank=bad_rank if bad_rank is not None else p.rank,
+                      details={**details, "reason": decision.reason, "lr_multiplier": p.lr.multiplier})
+        self._act(decision, verdict.step, event)
+        self._emit(event)
+        self._row(verdict, decision.action.value, trigger)
+        if decision.abort:
+            self.abort(event, decision.reason)
+
+    def _case(self, verdict: Verdict, context: StepContext, trigger: str, update_applied: bool,
+              state_is_pre_step: bool) -> Case:
+        replayable = trigger != "divergence" and not update_applied
+        capture, batch, renamed = (step_capture(context.calls, context.closure) if replayable else (None, {}, {}))
+        return Case(step=verdict.step, trigger=trigger, loss=verdict.loss, grad_norm=verdict.grad_norm,
+                    lr=self.parts.lr.current(), capture=capture, batch=batch, renamed=renamed,
+                    update_applied=update_applied, state_is_pre_step=state_is_pre_step, bad_rank=verdict.bad_rank,
+                    lockstep=context.lockstep and trigger != "divergence")
+
+    def _act(self, decision: Decision, step: int, event: Event) -> None:
+        p = self.parts
+        if decision.rollback:
+            snap = p.rollback.restore(step, self.streak_start)
+            event.details["rolled_back_to_step"] = snap.step if snap is not None else None
+            if snap is not None and "detector" in snap.extra:
+                p.detector.load_state_dict(snap.extra["detector"])
+            p.tally.rollbacks += 1
+            p.policy.after_rollback()
+            self.forced_skips = p.config.skip_after_rollback
+        elif decision.action is Action.SKIP:
+            repaired = p.rollback.repair_buffers()
+            if repaired:
+                event.details["repaired_buffers"] = repaired
+                event.diagnosis.evidence.append(f"the bad forward had written NaN/Inf into {', '.join(repaired[:4])}; "
+                                                "restored from the newest snapshot")
+
+    def abort(self, event: Event, reason: str) -> None:
+        p = self.parts
+        self.aborted = True
+        saved = p.rollback.emergency_checkpoint(p.records.out_dir, reason) if p.records.writer else None
+        d = event.diagnosis
+        place = d.module or d.tensor
+        message = (f"nanguard stopped the run at step {event.step}: {reason}. Last cause: {d.cause}"
+                   + (f" ({place})" if place else "")
+                   + (f". Emergency checkpoint of step {saved[1]}: {saved[0]}" if saved else "")
+                   + f". Events: {p.records.events_path}")
+        self.close("aborted")
+        raise TrainingAborted(message, checkpoint=saved[0] if saved else None)
+
+    # ------------------------------------------------------------------ a step that raised
+    def on_exception(self, step: int, exc: BaseException, calls: list[ForwardCall]) -> Event:
+        """The step raised (``Target 101 is out of bounds``): diagnose it from the batch and the error."""
+        batch = tensors_from_traceback(exc)
+        _, recorded, _ = step_capture(calls, rename=False)
+        for name, value in recorded.items():
+            batch.setdefault(name, value)
+        case = Case(step=step, trigger="exception", loss=None, grad_norm=None,
+                    capture=StepCapture(rerun=None, batch=batch), batch=batch, exception=exc)
+        details: dict[str, Any] = {"exception": f"{type(exc).__name__}: {exc}"}
+        try:
+            diagnosis, found = self.parts.desk.diagnose(case, funded=False)
+            details.update(found)
+        except Exception as inner:  # keep the user's own error in front
+            diagnosis = Diagnosis(cause="unknown", evidence=[f"the step raised {type(exc).__name__}: {exc}"])
+            details["forensics_error"] = repr(inner)
+        event = Event(step=step, trigger="exception", action=Action.ABORT.value, diagnosis=diagnosis,
+                      rank=self.parts.rank, details=details)
+        self._emit(event)
+        return event
+
+    # ------------------------------------------------------------------ records
+    def _emit(self, event: Event) -> None:
+        self.parts.events.append(event)
+        self.parts.records.on_event(event)
+
+    def _row(self, verdict: Verdict, action: str, trigger: str) -> None:
+        p = self.parts
+        if not p.records.writer or (action == Action.NONE.value and verdict.step % p.config.history_every):
+            return
+        t = p.tally
+        p.records.on_step({
+            "step": verdict.step, "time": p.records.elapsed(), "loss": verdict.loss, "grad_norm": verdict.grad_norm,
+            "lr": p.lr.current(), "lr_multiplier": p.lr.multiplier, "loss_scale": verdict.loss_scale or None,
+            "action": action, "trigger": trigger, "skipped_total": t.skipped, "rollbacks_total": t.rollbacks,
+            "clipped_total": t.clipped,
+        })
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"streak_start": self.streak_start, "scaler_streak": self.scaler_streak, "forced_skips": self.forced_skips}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        start = state.get("streak_start")
+        self.streak_start = int(start) if start is not None else None
+        self.scaler_streak = int(state.get("scaler_streak", 0))
+        self.forced_skips = int(state.get("forced_skips", 0))
+
+
+__all__ = ["Parts", "Responder", "StepContext"]

@@ -1,0 +1,284 @@
+"""Forensics: replay the bad step under instruments and name where the bad value was born.
+
+The guard calls :func:`investigate` with an :class:`~nanguard.forensics.request.InvestigationRequest`
+once a step has gone wrong. It checks the batch and the training state, replays the step (plain, then
+under the operator tracer, then in float32 when low precision is involved), and turns the evidence into
+one :class:`~nanguard.events.Diagnosis`. It never raises, and it leaves parameters, buffers, gradients,
+optimizer and GradScaler state and RNG states exactly as it found them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from nanguard.events import Diagnosis
+from nanguard.forensics import checks
+from nanguard.forensics import replay as replaying
+from nanguard.forensics.replay import LOW_PRECISION, ReplayOutcome, float32_mode, low_precision_tensors
+from nanguard.forensics.request import InvestigationRequest, StepCapture
+from nanguard.forensics.rules import Facts, diagnose
+from nanguard.forensics.trace import OpTracer
+from nanguard.state import SavedState, Subjects
+
+
+@dataclass
+class Investigation:
+    """The verdict and the evidence behind it (``details`` is JSON-serialisable)."""
+
+    diagnosis: Diagnosis
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def investigate(request: InvestigationRequest) -> Investigation:
+    """Diagnose one bad step. Never raises; restores every piece of state it may have disturbed."""
+    start = time.perf_counter()
+    facts = Facts()
+    details: dict[str, Any] = {}
+    state: SavedState | None = None
+    try:
+        batch = dict(request.capture.batch) if request.capture is not None else {}
+        subjects = Subjects(request.optimizer, list(request.models), scaler=request.scaler)
+        state = SavedState.capture(subjects, scoped=True, tensors=batch.values())
+        _gather(request, batch, state, facts, details)
+    except Exception as exc:
+        facts.failures.append(f"investigation: {type(exc).__name__}: {exc}"[:300])
+        details["traceback"] = traceback.format_exc(limit=6)[-2000:]
+    finally:
+        if state is not None:
+            try:
+                state.restore()
+            except Exception as exc:
+                facts.failures.append(f"restore: {type(exc).__name__}: {exc}"[:300])
+    try:
+        diagnosis = diagnose(facts)
+    except Exception as exc:
+        diagnosis = Diagnosis(
+            cause="unknown",
+            phase="unknown",
+            evidence=[f"diagnosis failed: {type(exc).__name__}: {exc}"[:300], *facts.failures[:3]],
+        )
+    details["checks"] = _check_table(facts)
+    details["failures"] = facts.failures
+    details["seconds"] = round(time.perf_counter() - start, 4)
+    return Investigation(diagnosis=diagnosis, details=_jsonable(details))
+
+
+def _gather(
+    request: InvestigationRequest,
+    batch: dict[str, Any],
+    state: SavedState,
+    facts: Facts,
+    details: dict[str, Any],
+) -> None:
+    models = list(request.models)
+    params = state.subjects.named_parameters()
+    names = {id(p): name for name, p in params}
+    facts.trigger = request.trigger
+    facts.loss, facts.grad_norm, facts.lr = request.loss, request.grad_norm, request.lr
+    facts.state_is_pre_step = request.state_is_pre_step
+    facts.update_made_weights_nonfinite = request.update_made_weights_nonfinite
+    facts.exception = checks.parse_exception(request.exception)
+
+    # Data.
+    facts.batch_nonfinite = checks.batch_nonfinite(batch)
+    facts.mask_fields = {
+        name: value for name, value in batch.items()
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and (
+            value.dtype == torch.bool or (not value.is_floating_point() and not value.is_complex()
+                                          and value.numel() and bool(((value == 0) | (value == 1)).all())))
+    }
+    facts.extreme_scale = checks.batch_scale(batch, request.batch_scale_history)
+    details["batch_absmax"] = checks.batch_absmax(batch)
+    facts.checked += ["batch finite", "batch scale"]
+    # State.
+    facts.weights = checks.state_nonfinite(params, "parameter") + checks.state_nonfinite(
+        state.subjects.named_buffers(), "buffer"
+    )
+    facts.optimizer_state = checks.optimizer_state_nonfinite(request.optimizer, names)
+    facts.entry_grads = checks.grads_nonfinite(state.grad_pairs(), names)
+    facts.eps_underflow = checks.eps_underflow(request.optimizer)
+    facts.batchnorm_training = checks.batchnorm_training_modules(models)
+    facts.checked += ["weights/buffers finite", "optimizer state finite"]
+    # Spikes and trends.
+    facts.loss_spike = checks.spike_evidence(request.loss, request.loss_history, request.spike_stats, "loss")
+    facts.grad_spike = checks.spike_evidence(
+        request.grad_norm, request.grad_norm_history, request.spike_stats, "grad_norm"
+    )
+    facts.trend = checks.loss_trend(request.loss_history)
+
+    capture = request.capture
+    can_replay = capture is not None and callable(capture.rerun)
+    if facts.exception is not None and facts.exception["kind"] == "device_assert":
+        can_replay = False
+        facts.failures.append("no replay: a device-side assert leaves the CUDA context unusable")
+    if can_replay:
+        assert capture is not None
+        _replays(_Replay(request, capture, batch, state, names), facts, details)
+    _label_findings(request, batch, facts)
+
+
+@dataclass
+class _Replay:
+    """What every replay of one investigation shares."""
+
+    request: InvestigationRequest
+    capture: StepCapture
+    batch: dict[str, Any]
+    state: SavedState
+    names: dict[int, str]
+
+    def run(self, label: str, instruments: Any = None) -> ReplayOutcome:
+        return replaying.replay(self.capture, self.state, self.names, label=label, instruments=instruments)
+
+
+def _replays(replay: _Replay, facts: Facts, details: dict[str, Any]) -> None:
+    """Plain replay (and a simulated update), traced replay, and a float32 counterfactual when it can decide."""
+    request, capture, batch, names = replay.request, replay.capture, replay.batch, replay.names
+    runs: list[ReplayOutcome] = []
+    if request.exception is None:
+        facts.plain = replay.run("plain")
+        runs.append(facts.plain)
+        facts.checked.append("plain replay")
+        if facts.plain.error is None and facts.plain.grads_finite and _wants_update_sim(request, facts):
+            try:
+                facts.update_sim = checks.simulate_update(request.optimizer, names)
+                facts.checked.append("simulated optimizer step")
+            except Exception as exc:
+                facts.failures.append(f"update simulation: {type(exc).__name__}: {exc}"[:300])
+    runs.append(_traced(replay, facts, details))
+    models = list(request.models)
+    low = bool(facts.low_precision) or bool(low_precision_tensors(models, batch)) or capture.autocast_dtype in LOW_PRECISION
+    if low and any(not r.finite for r in runs):
+        tensors = low_precision_tensors(models, batch)
+        facts.fp32 = replay.run("float32", lambda: float32_mode(tensors))
+        runs.append(facts.fp32)
+        facts.checked.append("float32 counterfactual")
+    details["replays"] = [r.to_dict() for r in runs]
+    for r in runs:
+        r.loss_tensor = None
+        r.exception = None
+
+
+def _traced(replay: _Replay, facts: Facts, details: dict[str, Any]) -> ReplayOutcome:
+    """The replay under the operator tracer: where the first bad value was born, and the op records."""
+    tracer = OpTracer(list(replay.request.models), replay.batch, replay.request.optimizer)
+    traced = facts.traced = replay.run("traced", lambda: tracer)
+    facts.checked.append("operator trace")
+    facts.births = list(tracer.births)
+    facts.loss_ops = tracer.loss_ops
+    facts.batchnorm_ops = tracer.batchnorm_ops
+    facts.error_context = tracer.error_context
+    facts.low_precision = sorted(tracer.low_precision)
+    facts.loss_origin = tracer.origin_of(traced.loss_tensor) if not traced.loss_finite else None
+    if facts.loss_origin is None and traced.loss is not None and not traced.loss_finite:
+        facts.loss_origin = tracer.last_origin("loss") or tracer.last_origin("forward")
+    if not traced.grads_finite:
+        bad = [p for p in replay.state.params if replay.names.get(id(p)) in traced.grad_nonfinite]
+        origins = [tracer.origin_of(p.grad) for p in bad]
+        facts.grad_origin = next((o for o in origins if o is not None), None) or tracer.last_origin("backward")
+    traced.loss_tensor = None  # drop the graph
+    details.update(module_stats=[s.to_dict() for s in tracer.module_stats.values()],
+                   births=[b.to_dict() for b in facts.births], loss_ops=facts.loss_ops,
+                   embedding_ops=tracer.embedding_ops, batchnorm_ops=tracer.batchnorm_ops, ops_traced=tracer.op_count)
+    if tracer.error_context:
+        details["error_context"] = tracer.error_context
+    if tracer.record_errors:
+        facts.failures += tracer.record_errors[:4]
+    facts.tokens = [dict(e, module=e["module"]) for e in tracer.embedding_ops if e["out_of_range"]]
+    return traced
+
+
+def _wants_update_sim(request: InvestigationRequest, facts: Facts) -> bool:
+    return request.optimizer is not None and (
+        request.update_made_weights_nonfinite
+        or request.trigger == "nonfinite_weights"
+        or bool(facts.eps_underflow)
+    )
+
+
+def _label_findings(request: InvestigationRequest, batch: dict[str, Any], facts: Facts) -> None:
+    """Class targets out of range, from the traced loss ops or, failing that, from the exception."""
+    for op in facts.loss_ops:
+        if op.get("out_of_range"):
+            classes = op["num_classes"]
+            facts.labels.append(
+                {
+                    "field": op.get("field") or "target",
+                    "op": op["op"],
+                    "module": op.get("module"),
+                    "num_classes": classes,
+                    "needed": max(op["out_of_range_values"] or [classes]) + 1,
+                    "evidence": f"{op['op']}: {op['out_of_range']} target(s) outside [0, {classes}) "
+                    f"(values {op['out_of_range_values']}, ignore_index {op['ignore_index']}) in "
+                    f"`{op.get('field') or 'target'}`, rows {op['out_of_range_rows']}",
+                }
+            )
+    exc = facts.exception
+    if exc is None or facts.labels:
+        return
+    if exc["kind"] in ("target_out_of_bounds", "class_out_of_range"):
+        value = exc.get("value")
+        fields = checks.fields_containing(batch, value) if value is not None else []
+        facts.labels.append(
+            {
+                "field": fields[0] if fields else None,
+                "op": "aten::nll_loss_forward" if exc["kind"] == "target_out_of_bounds" else "aten::one_hot",
+                "module": None,
+                "num_classes": None,
+                "needed": value + 1 if value is not None else None,
+                "evidence": f"target {value} is out of bounds"
+                + (f"; batch field `{fields[0]}` holds it" if fields else ""),
+            }
+        )
+    elif exc["kind"] == "index_out_of_range" and not facts.tokens:
+        found = checks.token_problems_static(request.models, batch)
+        value = exc.get("value")
+        if value is not None:  # the exception names the bad id: fields that hold it come first
+            holding = set(checks.fields_containing(batch, value))
+            found.sort(key=lambda t: t["field"] not in holding)
+        facts.tokens = [dict(t, op="aten::embedding") for t in found]
+
+
+def _check_table(facts: Facts) -> list[dict[str, Any]]:
+    replay_ = facts.replay
+    rows = [
+        ("batch finite", not facts.batch_nonfinite, facts.batch_nonfinite),
+        ("batch scale in range", not facts.extreme_scale, facts.extreme_scale),
+        ("class targets in range", not facts.labels, [{k: v for k, v in x.items()} for x in facts.labels]),
+        ("token ids in range", not facts.tokens, facts.tokens),
+        ("weights and buffers finite", not facts.weights, facts.weights),
+        ("optimizer state finite", not facts.optimizer_state, facts.optimizer_state),
+        ("step's gradients finite", not facts.entry_grads, facts.entry_grads),
+        ("optimizer eps representable", not facts.eps_underflow, facts.eps_underflow),
+    ]
+    out = [{"name": n, "ok": ok, "found": found} for n, ok, found in rows]
+    if facts.update_sim is not None:
+        became = facts.update_sim.get("became_nonfinite", [])
+        out.append({"name": "simulated update finite", "ok": not became, "found": became})
+    for r in (facts.plain, facts.traced, facts.fp32):
+        if r is not None:
+            out.append({"name": f"{r.label} replay finite", "ok": r.finite, "found": r.to_dict()})
+    if replay_ is not None and facts.fp32 is not None:
+        out.append({"name": "finite in float32", "ok": facts.fp32.finite, "found": None})
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    """Make ``details`` strictly JSON-serialisable: non-finite floats as their repr, tensors summarised."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, torch.Tensor):
+        return f"tensor(shape={list(value.shape)}, dtype={value.dtype})"
+    return str(value)

@@ -1,0 +1,162 @@
+"""Rules for finite trouble and for what is not a cause of its own: a gradient norm that overflows float32,
+a transient fault, spikes and trends, and ``unknown`` (which says what was checked)."""
+
+from __future__ import annotations
+
+import math
+
+from nanguard.events import Diagnosis
+from nanguard.forensics.rules.facts import (
+    DTYPE_MAX,
+    Facts,
+    fmt,
+    make,
+    mod,
+    outcome_line,
+    top_grad,
+    top_grad_name,
+)
+
+# A vector norm above this squares past float32's largest value: its float32 computation returns inf.
+FLOAT32_NORM_OVERFLOW = math.sqrt(DTYPE_MAX["float32"])
+
+
+def rule_norm_overflow(f: Facts) -> Diagnosis | None:
+    """Every gradient entry finite, yet the step's gradient norm was inf: the norm overflowed float32.
+
+    The replay reproduces the step (it is not transient); its gradients are simply so large that the sum
+    of their squares passes float32's range. That is a gradient explosion, whatever the dtype.
+    """
+    replay = f.replay
+    if f.trigger != "nonfinite_grad" or replay is None or not replay.finite or not replay.grad_norms:
+        return None
+    total = replay.total_grad_norm
+    if not (total >= FLOAT32_NORM_OVERFLOW):
+        return None
+    evidence = [
+        f"every gradient entry is finite, but their total norm {fmt(total)} overflows float32 "
+        f"(above {fmt(FLOAT32_NORM_OVERFLOW)}): the step's grad norm was {fmt(f.grad_norm)}",
+    ]
+    top = top_grad(f)
+    if top:
+        evidence.append(top)
+    if f.loss is not None:
+        evidence.append(f"loss {fmt(f.loss)}; replay loss {fmt(replay.loss)}")
+    name = top_grad_name(f)
+    return make(
+        "gradient_explosion",
+        "backward",
+        confidence=0.85,
+        evidence=evidence,
+        tensor=name,
+        module=name.rsplit(".", 1)[0] if name and "." in name else None,
+        reproducible=True,
+    )
+
+
+def rule_nondeterministic(f: Facts) -> Diagnosis | None:
+    if not f.trigger.startswith("nonfinite") or f.trigger == "nonfinite_input":
+        return None
+    runs = [r for r in (f.plain, f.traced) if r is not None]
+    if not runs or any(not r.finite for r in runs):
+        return None
+    evidence = [
+        f"the step was non-finite ({f.trigger}, loss {fmt(f.loss)}, grad norm {fmt(f.grad_norm)})",
+        *[f"{r.label} replay from identical state, batch and RNG: {outcome_line(r)}" for r in runs],
+    ]
+    if f.entry_grads:
+        evidence.append(
+            f"the step's own gradients were non-finite in {len(f.entry_grads)} tensor(s), "
+            f"e.g. `{f.entry_grads[0]['name']}`"
+        )
+    if not f.state_is_pre_step:
+        evidence.append("state was not exactly the pre-step state: lower confidence")
+    module = (
+        f.entry_grads[0]["name"].rsplit(".", 1)[0]
+        if f.entry_grads and "." in f.entry_grads[0]["name"]
+        else None
+    )
+    return make(
+        "nondeterministic",
+        "unknown",
+        confidence=0.8 if f.state_is_pre_step else 0.5,
+        evidence=evidence,
+        reproducible=False,
+        module=module,
+    )
+
+
+
+def rule_spikes(f: Facts) -> Diagnosis | None:
+    """Finite trouble: a gradient spike, a loss spike, or a trend (the driver family)."""
+    if f.trigger == "grad_spike" or (f.grad_spike and f.grad_spike["ratio"] > 10 and f.trigger != "loss_spike"):
+        return _gradient_explosion(f)
+    if f.trigger == "loss_spike":
+        return _loss_spike(f)
+    if f.trigger == "divergence":
+        return _divergence(f)
+    return None
+
+
+def _gradient_explosion(f: Facts) -> Diagnosis:
+    s = f.grad_spike or {}
+    evidence = ([f"grad norm {fmt(f.grad_norm)} vs running mean {fmt(s.get('mean'))} "
+                 f"({fmt(s.get('ratio'))}x, z={fmt(s.get('z'))})"] if s else [f"grad norm {fmt(f.grad_norm)}"])
+    top = top_grad(f)
+    if top:
+        evidence.append(top)
+    evidence.append("batch values finite and in their usual range")
+    name = top_grad_name(f)
+    module = name.rsplit(".", 1)[0] if name and "." in name else None
+    return make("gradient_explosion", "backward", confidence=0.8, evidence=evidence, tensor=name, module=module,
+                reproducible=f.reproduced if f.replay is not None else None)
+
+
+def _loss_spike(f: Facts) -> Diagnosis:
+    s = f.loss_spike or {}
+    evidence = ([f"loss {fmt(f.loss)} vs running mean {fmt(s.get('mean'))} ({fmt(s.get('ratio'))}x, "
+                 f"z={fmt(s.get('z'))})"] if s else [f"loss {fmt(f.loss)}"])
+    evidence.append("batch finite, labels in range, no input scale jump, no non-finite op in the replay")
+    return make("loss_spike", "loss", confidence=0.7, evidence=evidence, reproducible=f.reproduced,
+                fix={"ratio": fmt(s.get("ratio"))})
+
+
+def _divergence(f: Facts) -> Diagnosis:
+    t = f.trend or {}
+    evidence = ([f"loss mean rose from {fmt(t.get('first'))} to {fmt(t.get('last'))} over "
+                 f"{fmt(t.get('steps'))} steps ({fmt(t.get('ratio'))}x)"] if t else ["loss trending upward"])
+    if f.lr is not None:
+        evidence.append(f"lr {fmt(f.lr)}")
+    return make("divergence", "optimizer", confidence=0.7, evidence=evidence,
+                fix={"lr": fmt(f.lr), "ratio": fmt(t.get("ratio"))})
+
+
+def rule_unknown(f: Facts) -> Diagnosis:
+    evidence = [f"checked: {', '.join(f.checked) or 'nothing'}"]
+    if f.exception is not None:
+        evidence.append(f"the step raised {f.exception['text']}")
+    for r in (f.plain, f.traced, f.fp32):
+        if r is not None:
+            evidence.append(f"{r.label} replay: {outcome_line(r)}")
+    ctx = f.error_context
+    if ctx:
+        evidence.append(
+            f"replay raised in {ctx.get('op')} ({ctx.get('phase')}, module {mod(ctx.get('module'))}, "
+            f"stack {ctx.get('module_stack')})"
+        )
+    evidence += [f"failed: {x}" for x in f.failures[:4]]
+    replayed = f.plain is not None or f.traced is not None
+    if not replayed:
+        evidence.append("no replay was run: no operator was traced")
+    return make(
+        "unknown",
+        "unknown",
+        confidence=0.1,
+        evidence=evidence,
+        reproducible=f.reproduced,
+        module=ctx.get("module") if ctx else None,
+        op=ctx.get("op") if ctx else None,
+        variant=None if replayed else "no_replay",
+    )
+
+

@@ -1,0 +1,351 @@
+"""The evidence the rules read (:class:`Facts`), and the helpers every rule uses to write a diagnosis.
+
+Fixes come from the cause registry (:mod:`nanguard.causes`); the operator tables here say which ops have
+a domain or a singular derivative and what the op-specific advice is.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from nanguard.causes import fill, fixes_for
+from nanguard.events import Diagnosis
+from nanguard.forensics.replay import ReplayOutcome
+from nanguard.forensics.trace import Birth
+
+# Ops whose result is undefined or infinite outside their domain (log 0, x/0, sqrt(-1), acos(2) ...).
+DOMAIN_OPS = frozenset(
+    "aten::" + n
+    for n in [
+        "log",
+        "log2",
+        "log10",
+        "log1p",
+        "xlogy",
+        "sqrt",
+        "rsqrt",
+        "div",
+        "div_",
+        "reciprocal",
+        "pow",
+        "float_power",
+        "acos",
+        "asin",
+        "atanh",
+        "acosh",
+        "lgamma",
+        "digamma",
+        "polygamma",
+        "mvlgamma",
+        "erfinv",
+        "logit",
+        "fmod",
+        "remainder",
+        "atan2",
+        "var",
+        "std",
+        "var_mean",
+        "std_mean",
+        "special_xlog1py",
+        "special_entr",
+        "special_ndtri",
+        "_log_softmax",
+        "logsumexp",
+        "linalg_inv",
+        "linalg_cholesky",
+        "cholesky",
+        "inverse",
+        "linalg_solve",
+    ]
+)
+# Forward ops whose derivative blows up at the edge of their domain while the value stays finite.
+SINGULAR_BACKWARD_OPS = frozenset(
+    "aten::" + n
+    for n in [
+        "sqrt",
+        "rsqrt",
+        "linalg_vector_norm",
+        "norm",
+        "frobenius_norm",
+        "linalg_norm",
+        "pow",
+        "float_power",
+        "where",
+        "acos",
+        "asin",
+        "atanh",
+        "acosh",
+        "div",
+        "reciprocal",
+        "log",
+        "log2",
+        "log10",
+        "log1p",
+        "std",
+        "var",
+        "std_mean",
+        "var_mean",
+        "cdist",
+        "_cdist_forward",
+        "_pdist_forward",
+        "atan2",
+        "hypot",
+        "erfinv",
+        "renorm",
+        "_weight_norm_interface",
+        "prod",
+        "cumprod",
+        "abs",
+    ]
+)
+LOW_PRECISION = ("float16", "bfloat16")
+DTYPE_MAX = {"float16": 65504.0, "bfloat16": 3.3895e38, "float32": 3.4028e38, "float64": 1.797e308}
+
+
+def fmt(value: Any) -> str:
+    """Numbers short enough for one evidence line."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    value = float(value)
+    if not math.isfinite(value):
+        return repr(value)
+    return f"{value:.4g}"
+
+
+def close(a: float | None, b: float | None) -> bool:
+    if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)):
+        return False
+    return abs(a - b) <= 1e-3 * max(abs(a), abs(b), 1e-12)
+
+
+@dataclass
+class Facts:
+    """Everything the investigation found, in one place for the rules."""
+
+    trigger: str = "nonfinite_loss"
+    loss: float | None = None
+    grad_norm: float | None = None
+    lr: float | None = None
+    state_is_pre_step: bool = True
+    update_made_weights_nonfinite: bool = False
+    exception: dict[str, Any] | None = None
+    batch_nonfinite: list[dict[str, Any]] = field(default_factory=list)
+    # Batch fields that look like padding masks (bool or 0/1), for naming the field behind an all-masked row.
+    mask_fields: dict[str, Any] = field(default_factory=dict, repr=False)
+    extreme_scale: list[dict[str, Any]] = field(default_factory=list)
+    labels: list[dict[str, Any]] = field(default_factory=list)
+    tokens: list[dict[str, Any]] = field(default_factory=list)
+    weights: list[dict[str, Any]] = field(default_factory=list)
+    optimizer_state: list[dict[str, Any]] = field(default_factory=list)
+    entry_grads: list[dict[str, Any]] = field(default_factory=list)
+    eps_underflow: list[dict[str, Any]] = field(default_factory=list)
+    update_sim: dict[str, Any] | None = None
+    plain: ReplayOutcome | None = None
+    traced: ReplayOutcome | None = None
+    fp32: ReplayOutcome | None = None
+    births: list[Birth] = field(default_factory=list)
+    loss_origin: Birth | None = None
+    grad_origin: Birth | None = None
+    loss_ops: list[dict[str, Any]] = field(default_factory=list)
+    batchnorm_ops: list[dict[str, Any]] = field(default_factory=list)
+    batchnorm_training: list[str] = field(default_factory=list)
+    error_context: dict[str, Any] | None = None
+    low_precision: list[str] = field(default_factory=list)
+    loss_spike: dict[str, float] | None = None
+    grad_spike: dict[str, float] | None = None
+    trend: dict[str, float] | None = None
+    checked: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def replay(self) -> ReplayOutcome | None:
+        """The most informative replay in the step's own precision: traced if it ran cleanly, else plain."""
+        if self.traced is not None and self.traced.error is None:
+            return self.traced
+        return self.plain if self.plain is not None else self.traced
+
+    @property
+    def reproduced(self) -> bool | None:
+        """Whether a replay in the step's own precision showed the same problem."""
+        runs = [r for r in (self.plain, self.traced) if r is not None]
+        if not runs:
+            return None
+        if any(not r.finite for r in runs):
+            return True
+        if self.trigger in ("loss_spike", "grad_spike", "divergence"):
+            return any(close(r.loss, self.loss) or close(r.total_grad_norm, self.grad_norm) for r in runs)
+        return False
+
+
+DOMAIN_FIXES = {
+    "aten::log": "its input had {zeros} zero(s) and {negatives} negative value(s); use `torch.log(x.clamp_min(eps))` "
+    "or log_softmax instead of log(softmax).",
+    "aten::div": "the divisor had {divisor_zeros} zero(s) ({zero_over_zero} of them 0/0); divide by "
+    "`den.clamp_min(1)` (masked mean: `x.sum() / mask.sum().clamp_min(1)`).",
+    "aten::sqrt": "its input had {negatives} negative value(s); use `torch.sqrt(x.clamp_min(0) + eps)`.",
+    "aten::pow": "negative base with a fractional exponent or 0 to a negative power; clamp the base.",
+    "aten::acos": "clamp its input to [-1 + eps, 1 - eps].",
+    "aten::asin": "clamp its input to [-1 + eps, 1 - eps].",
+    "aten::var": "variance of a single element (correction=1) is 0/0; use `unbiased=False` or more elements.",
+    "aten::std": "std of a single element (correction=1) is 0/0; use `unbiased=False` or more elements.",
+}
+SINGULAR_FIXES = {
+    "aten::sqrt": "use `torch.sqrt(x + eps)`: d sqrt(x)/dx = 1/(2 sqrt(x)) is infinite at 0.",
+    "aten::linalg_vector_norm": "the gradient of a norm at 0 is 0/0; use `torch.sqrt((x*x).sum(-1) + eps)` "
+    "or `F.normalize(x, eps=...)`.",
+    "aten::norm": "the gradient of a norm at 0 is 0/0; use `torch.sqrt((x*x).sum(-1) + eps)`.",
+    "aten::pow": "x**p with p < 1 has an infinite derivative at 0; use `(x + eps) ** p`.",
+    "aten::where": "the untaken branch is NaN/inf; clamp its input so both branches are finite.",
+    "aten::acos": "clamp the input to [-1 + eps, 1 - eps]; the derivative is infinite at +-1.",
+    "aten::asin": "clamp the input to [-1 + eps, 1 - eps]; the derivative is infinite at +-1.",
+    "aten::div": "the derivative of a/b is infinite where b = 0; clamp the denominator.",
+}
+
+
+
+def mod(module: str | None) -> str:
+    if module is None:
+        return "loss code"
+    return f"`{module or '<root>'}`"
+
+
+def make(
+    cause: str,
+    phase: str,
+    *,
+    confidence: float,
+    evidence: list[str],
+    fix: dict[str, Any] | None = None,
+    variant: str | None = None,
+    **where: Any,
+) -> Diagnosis:
+    """A diagnosis whose fixes are the registry's, filled from where it was born and the rule's ``fix`` fields."""
+    context = {k: v for k, v in where.items() if v is not None}
+    context.update(fix or {})
+    context["module"] = mod(where.get("module"))
+    if "op" in context:
+        context["op"] = f"`{context['op']}`"
+    return Diagnosis(
+        cause=cause,
+        phase=phase,
+        module=where.get("module"),
+        op=where.get("op"),
+        tensor=where.get("tensor"),
+        reproducible=where.get("reproducible"),
+        confidence=confidence,
+        evidence=[e for e in evidence if e],
+        fixes=fixes_for(cause, variant, **context),
+    )
+
+
+def birth_line(b: Birth) -> str:
+    out = b.outputs[0] if b.outputs else {}
+    counts = f"{out.get('nan', 0)} NaN, {out.get('posinf', 0)} +inf, {out.get('neginf', 0)} -inf of shape {out.get('shape')}"
+    where = f"{b.op} in {mod(b.module)}" if b.op else f"{b.source}"
+    if b.phase == "backward":
+        where += f" (backward of {b.forward_op or '?'}, node {b.backward_node})"
+    line = f"first {b.kind} born at {where} [{b.phase}, {b.dtype}]: {counts}"
+    inputs = [i for i in b.inputs if "absmax" in i or "nan" in i]
+    if inputs:
+        parts = []
+        for i in inputs[:3]:
+            bits = [f"absmax {fmt(i.get('absmax'))}"]
+            for key in ("zeros", "negatives", "neginf", "posinf"):
+                if i.get(key):
+                    bits.append(f"{i[key]} {key}")
+            parts.append(f"{i['arg']} " + "/".join(bits))
+        line += "; inputs: " + ", ".join(parts)
+    if b.extra.get("divisor_zeros"):
+        line += f"; divisor zeros {b.extra['divisor_zeros']} (0/0: {b.extra.get('zero_over_zero', 0)})"
+    if b.extra.get("nonfinite_rows"):
+        line += f"; rows {b.extra['nonfinite_rows']}"
+    return line
+
+
+def outcome_line(r: ReplayOutcome) -> str:
+    if r.error:
+        return f"raised {r.error}"
+    grads = (
+        "grads finite"
+        if r.grads_finite
+        else (f"{len(r.grad_nonfinite)} grad(s) non-finite, e.g. `{next(iter(r.grad_nonfinite))}`")
+    )
+    return f"loss {fmt(r.loss)}, {grads}, grad norm {fmt(r.total_grad_norm)}"
+
+
+def is_domain(b: Birth) -> bool:
+    op = b.op or ""
+    return op in DOMAIN_OPS or op.rstrip("_") in DOMAIN_OPS
+
+
+def has_zero_divisor(b: Birth) -> bool:
+    if b.extra.get("divisor_zeros"):
+        return True
+    return (b.op or "") in ("aten::div", "aten::pow", "aten::reciprocal", "aten::rsqrt") and any(
+        i.get("zeros") for i in b.inputs
+    )
+
+
+def overflow_like(b: Birth) -> bool:
+    """inf from finite inputs whose magnitudes are large: overflow, not a domain edge."""
+    if b.kind != "inf" or has_zero_divisor(b):
+        return False
+    limit = DTYPE_MAX.get(b.dtype or "", 3.4e38)
+    absmax = [float(i["absmax"]) for i in b.inputs if isinstance(i.get("absmax"), (int, float))]
+    return (bool(absmax) and max(absmax) > min(1e4, math.sqrt(limit))) or b.op in (
+        "aten::exp",
+        "aten::_to_copy",
+    )
+
+
+def domain_fix(b: Birth) -> str:
+    template = DOMAIN_FIXES.get(
+        (b.op or "").rstrip("_"), "keep its input inside the domain (clamp, add eps)."
+    )
+    values: dict[str, Any] = {
+        "divisor_zeros": b.extra.get("divisor_zeros", "?"),
+        "zero_over_zero": b.extra.get("zero_over_zero", "?"),
+    }
+    first = b.inputs[0] if b.inputs else {}
+    values.update(zeros=first.get("zeros", "?"), negatives=first.get("negatives", "?"))
+    return fill(template, values)
+
+
+def batchnorm_evidence(b: Birth) -> dict[str, Any] | None:
+    names = (b.op or "", b.forward_op or "")
+    if not any("batch_norm" in n for n in names):
+        return None
+    per_channel = b.extra.get("values_per_channel")
+    zero_var = b.extra.get("zero_variance_channels")
+    if per_channel is None:
+        return {"line": "batch-norm statistics degenerate", "per_channel": "?"}
+    if per_channel > 1 and not zero_var:
+        return None
+    return {
+        "line": f"batch norm over {per_channel} value(s) per channel; {zero_var} of {b.extra.get('channels')} "
+        "channel(s) with zero variance",
+        "per_channel": per_channel,
+    }
+
+
+def top_grad_name(f: Facts) -> str | None:
+    replay = f.replay
+    if replay is None or not replay.grad_norms:
+        return None
+    return max(replay.grad_norms.items(), key=lambda kv: kv[1] if math.isfinite(kv[1]) else math.inf)[0]
+
+
+def top_grad(f: Facts) -> str | None:
+    name = top_grad_name(f)
+    if name is None or f.replay is None:
+        return None
+    return f"largest gradient `{name}`: norm {fmt(f.replay.grad_norms[name])}"
+
