@@ -93,6 +93,9 @@ class GuardConfig:
     scaler_overflow_patience: int = 20
     history_every: int = 1
     tensorboard: bool = False
+    # W&B / MLflow: None logs there only when the process already has an active run; True always; False never.
+    wandb: bool | None = None
+    mlflow: bool | None = None
     report: bool = True
     console: bool = True
     out_dir: str = "nanguard_out"
@@ -124,6 +127,9 @@ class GuardConfig:
         _check(self.sync_mode in ("auto", "sync", "device"), "sync_mode", self.sync_mode, "'auto', 'sync' or 'device'")
         _check(self.forensics_max_events >= 0, "forensics_max_events", self.forensics_max_events, "an integer >= 0")
         _check(self.scaler_overflow_patience >= 1, "scaler_overflow_patience", self.scaler_overflow_patience, "an integer >= 1")
+        for name in ("wandb", "mlflow"):
+            value = getattr(self, name)
+            _check(value is None or isinstance(value, bool), name, value, "None (auto), True or False")
         _check(self.history_every >= 1, "history_every", self.history_every, "an integer >= 1")
 
     @classmethod

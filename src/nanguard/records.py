@@ -230,7 +230,11 @@ class RunRecords:
                 sink.on_event(payload)
 
     def close(self, summary: dict[str, Any], *, announce: bool = False) -> None:
-        """Write ``summary.json``, close the sinks, render the report (once)."""
+        """Write ``summary.json``, finish the file sinks, render the report, then close the other sinks (once).
+
+        The report is rendered from the finished ``events.jsonl``/``history.csv`` and before the other sinks
+        close, so W&B and MLflow can upload it and the console can say where it is.
+        """
         if self._closed:
             return
         self._closed = True
@@ -238,39 +242,34 @@ class RunRecords:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.out_dir / "summary.json", summary)
-        for sink in self.sinks:
+        files, others = self.sinks[:2], self.sinks[2:]
+        for sink in files:
             sink.close(summary)
-        if self.config.report:
-            self._write_report(announce)
+        report = self._write_report() if self.config.report else None
+        if report is not None:
+            summary = {**summary, "report": str(report)}
+        for sink in others:
+            sink.close(summary)
+        if announce and report is not None and not self.config.console:
+            print(f"[nanguard] report: {report}", file=sys.stderr)
 
-    def _write_report(self, announce: bool) -> None:
+    def _write_report(self) -> Path | None:
         try:
             from nanguard.report import render_report
         except ImportError:
-            return
+            return None
         try:
-            path = render_report(self.out_dir)
+            return Path(render_report(self.out_dir))
         except Exception as exc:  # a report must never turn a finished run into a failed one
             warnings.warn(f"nanguard: could not write the report in {self.out_dir}: {exc}", stacklevel=3)
-            return
-        if announce:
-            print(f"[nanguard] report: {path}", file=sys.stderr)
+            return None
 
 
 def _optional_sinks(config: GuardConfig, out_dir: Path) -> list[Sink]:
-    sinks: list[Sink] = []
-    if config.console:
-        try:
-            from nanguard.console import LiveConsole
+    from nanguard.sinks import optional_sinks
 
-            sinks.append(LiveConsole())
-        except ImportError:
-            pass
-    if config.tensorboard:
-        from nanguard.tensorboard import TensorBoardSink
-
-        sinks.append(TensorBoardSink(out_dir / "tensorboard"))
-    return sinks
+    return optional_sinks(out_dir, console=config.console, tensorboard=config.tensorboard, wandb=config.wandb,
+                          mlflow=config.mlflow)
 
 
 __all__ = ["HISTORY_COLUMNS", "RUN_FILES", "EventLog", "HistoryLog", "NullSink", "RunRecords", "Sink", "Tally",

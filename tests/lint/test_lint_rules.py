@@ -384,3 +384,13 @@ def test_deepspeed_apex_block_counts_as_fp16():
     config = {"amp": {"enabled": True}, "attention": {"mask_value": "-inf"}}
     (finding,) = only(config, "inf_mask_value")
     assert finding.fix == -1e4
+
+
+def test_fix_under_a_scalar_section_is_left_to_a_person_instead_of_crashing():
+    # Found by hypothesis: `trainer: 0` cannot hold the gradient_clip_val a LightningCLI fix would add.
+    config = {"trainer": 0, "model": {"class_path": 0}}
+    result = fix_config(config)
+    clipping = [f for f in result.remaining if f.rule == "no_grad_clipping"]
+    assert clipping and not clipping[0].fixable
+    assert "set it by hand" in clipping[0].message
+    assert result.document == config

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from nanguard.events import Diagnosis, Event
-from nanguard.record import EventLog, HistoryLog
+from nanguard.records import EventLog, HistoryLog
 
 EVIL_MODULE = "<script>alert(1)</script>"
 NAN_STEP, CLIP_STEP, SPIKE_STEP, DIVERGENCE_STEP, STEPS = 120, 200, 300, 340, 400

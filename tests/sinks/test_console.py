@@ -7,7 +7,6 @@ import math
 
 import pytest
 
-from nanguard.console import LiveConsole as ShimmedConsole
 from nanguard.events import Diagnosis, Event
 from nanguard.sinks.console import REPEAT_LINES, LiveConsole, NullConsole, shown_again, status_line
 
@@ -69,10 +68,6 @@ def test_non_tty_periodic_lines_and_event_block() -> None:
     assert lines[7] == ("[nanguard] done: 11 steps; 1 event (1 skipped); 1 update not applied; "
                         "last training loss 2 (step 10); report: runs/x/report.html")
     assert len(lines) == 8
-
-
-def test_the_old_import_path_still_works() -> None:
-    assert ShimmedConsole is LiveConsole
 
 
 def test_tty_updates_in_place_and_throttles() -> None:

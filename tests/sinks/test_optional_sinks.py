@@ -15,7 +15,7 @@ from nanguard.sinks.console import LiveConsole
 
 def test_auto_detection_imports_neither_library_and_import_nanguard_stays_light(tmp_path: Path) -> None:
     code = (
-        "import sys; from pathlib import Path; import nanguard, nanguard.console, nanguard.tensorboard\n"
+        "import sys; from pathlib import Path; import nanguard, nanguard.sinks.console, nanguard.sinks.tensorboard\n"
         "from nanguard.sinks import optional_sinks\n"
         f"sinks = optional_sinks(Path({str(tmp_path)!r}), console=False, tensorboard=False)\n"
         "print(len(sinks), sorted(m for m in ('rich', 'wandb', 'mlflow', 'tensorboard', 'matplotlib') if m in sys.modules))"

@@ -29,11 +29,11 @@ from typing import Any, TextIO
 import torch
 
 import nanguard
-from nanguard.console import LiveConsole
 from nanguard.demo.faults import LR_SPIKE, FaultPlan
 from nanguard.demo.model import ModelConfig, TinyLM
 from nanguard.demo.task import VOCAB, Batch, make_batches
 from nanguard.errors import TrainingAborted
+from nanguard.sinks.console import LiveConsole
 
 EVAL_SEED_OFFSET = 10_000
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from nanguard.errors import UsageError
-from nanguard.lint.findings import RULES, Finding
+from nanguard.lint.findings import RULES, Finding, KeyPath, format_path
 from nanguard.lint.fixing import Change, fix_mapping, fix_text, output_path_problem, planned
 from nanguard.lint.limits import check_tree
 from nanguard.lint.loading import LoadedConfig, load_config
@@ -83,9 +83,25 @@ def lint_config(source: Source | LoadedConfig, *, ignore: Iterable[str] = ()) ->
         line = loaded.line_of(finding.key_path) if finding.exists else None
         if finding.rule in ignored or _suppressed(lines, line, finding.rule):
             continue
+        if finding.fixable and not finding.exists and not _insertable(loaded.data, finding.key_path):
+            finding = replace(finding, fix=None, message=f"{finding.message} (set it by hand: "
+                              f"{format_path(finding.key_path[:-1])} is not a section that can hold it)")
         findings.append(replace(finding, line=line))
     order = {rule: index for index, rule in enumerate(RULES)}
     return sorted(findings, key=lambda f: (f.line if f.line is not None else 10**9, order[f.rule]))
+
+
+def _insertable(data: Any, path: KeyPath) -> bool:
+    """Every section on the way to a new key is a mapping or absent, so a fixer can write the key there
+    (``trainer: 0`` cannot take ``trainer.gradient_clip_val``)."""
+    node = data
+    for part in path[:-1]:
+        if not isinstance(node, Mapping):
+            return False
+        node = node.get(part)
+        if node is None:
+            return True
+    return isinstance(node, Mapping)
 
 
 def fixed_path(path: Path) -> Path:

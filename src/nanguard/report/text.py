@@ -40,13 +40,6 @@ CAUSE_WORDS = {name: entry.words for name, entry in _CAUSES.items()}
 """Plain words for each cause, from the cause registry (:mod:`nanguard.causes`)."""
 
 
-NEWER_CAUSE_WORDS = {
-    "level_shift": "the loss moved to a new stable level (accepted as the new normal)",
-    "learning_rate_spike": "the update used a learning rate far above the schedule's recent values",
-    "update_underflow": "updates too small for the weights' precision round away",
-    "scaled_gradient_misuse": "gradients used while still multiplied by the GradScaler's scale",
-}
-"""Words for causes added to the schema after :data:`CAUSE_WORDS` was written (it is moving to the cause registry)."""
 
 
 ROOT_MODULE = "(root module)"
@@ -142,7 +135,7 @@ def action_phrase(action: str) -> str:
 
 
 def cause_phrase(cause: str) -> str:
-    return CAUSE_WORDS.get(cause) or NEWER_CAUSE_WORDS.get(cause) or cause.replace("_", " ")
+    return CAUSE_WORDS.get(cause) or cause.replace("_", " ")
 
 
 def steps_phrase(steps: tuple[int, ...] | list[int], limit: int = 4) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from nanguard.record import Sink
+    from nanguard.records import Sink
 
 
 def wandb_active() -> bool:

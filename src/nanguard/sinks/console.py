@@ -77,7 +77,7 @@ def shown_again(count: int) -> bool:
 
 
 class LiveConsole:
-    """The console :class:`~nanguard.record.Sink`.
+    """The console :class:`~nanguard.records.Sink`.
 
     ``stream`` defaults to stderr (stdout belongs to the training script). ``tty`` overrides the
     stream's own ``isatty()``; ``every`` prints a plain line every N steps when not on a terminal

@@ -64,7 +64,7 @@ def _experiment_id(client: Any) -> str:
 
 
 class MlflowSink(FailSafe):
-    """A :class:`~nanguard.record.Sink` for MLflow: the active run, or one of its own (see the module doc)."""
+    """A :class:`~nanguard.records.Sink` for MLflow: the active run, or one of its own (see the module doc)."""
 
     sink_name = "MLflow logging"
 

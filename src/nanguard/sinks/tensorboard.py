@@ -53,7 +53,7 @@ def _as_markdown_code(text: str) -> str:
 
 
 class TensorBoardSink(FailSafe):
-    """A :class:`~nanguard.record.Sink` writing ``nanguard/*`` scalars and event text to ``log_dir``."""
+    """A :class:`~nanguard.records.Sink` writing ``nanguard/*`` scalars and event text to ``log_dir``."""
 
     sink_name = "TensorBoard logging"
 

@@ -53,7 +53,7 @@ def event_row(event: dict[str, Any], problem: str, first_step: int | None) -> li
 
 
 class WandbSink(FailSafe):
-    """A :class:`~nanguard.record.Sink` for W&B: the user's active run, or one of its own (see the module doc)."""
+    """A :class:`~nanguard.records.Sink` for W&B: the user's active run, or one of its own (see the module doc)."""
 
     sink_name = "W&B logging"
 
