@@ -135,7 +135,9 @@ class _Copy:
 
     def restore(self) -> None:
         with torch.no_grad():
-            if self.data is not None:
+            if self.live.layout != torch.strided:  # a sparse gradient has no storage to copy into: swap it
+                self.live.data = self.saved.clone()
+            elif self.data is not None:
                 if self.live.data is not self.data and (self.live.dtype != self.data.dtype
                                                         or self.live.data_ptr() != self.data.data_ptr()):
                     self.live.data = self.data
