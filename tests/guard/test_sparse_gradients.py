@@ -34,5 +34,5 @@ def test_sparse_gradient_norm_counts_repeated_rows_once_like_the_update():
     assert torch.allclose(total_norm([grad, torch.ones(2)]), torch.cat([grad.to_dense().flatten(), torch.ones(2)]).norm())
     scale_grads_([grad], 0.5)
     assert torch.allclose(grad.to_dense()[1], torch.full((3,), 1.0))
-    bad = torch.sparse_coo_tensor(torch.tensor([[0, 3]]), torch.tensor([[1.0, 2.0], [float("nan"), 0.0]]), (5, 2))
+    bad = torch.sparse_coo_tensor(torch.tensor([[0, 3]]), torch.tensor([[1.0, 2.0], [float("nan"), 0.0]]), (5, 2), check_invariants=True)
     assert bool(all_finite([grad])) and not bool(all_finite([grad, bad]))
