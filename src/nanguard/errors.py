@@ -30,6 +30,10 @@ class TrainingAborted(NanguardError):
         self.checkpoint = checkpoint
 
 
+class CheckpointError(NanguardError):
+    """A checkpoint could not be written (a full disk, a missing folder); the cause is chained."""
+
+
 class MissingExtraError(NanguardError, ImportError):
     """An optional dependency is needed for the feature that was asked for."""
 

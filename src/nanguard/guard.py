@@ -80,6 +80,7 @@ class Guard:
         self.out_dir = Path(out_dir if out_dir is not None else self.config.out_dir)
         self._own_records = records is None
         self.records = records or RunRecords(self.out_dir, self.config, writer=self.rank == 0, sinks=sinks)
+        self.out_dir = self.records.out_dir  # a sub-directory when another writer holds the one asked for
         self.tally = Tally()
         self.events: list[Event] = []
         self.detector = Detector(self.config)
@@ -244,6 +245,10 @@ class Guard:
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):  # Ctrl-C, or a signal handler's exit: not a crash
+            clean_exit = isinstance(exc, SystemExit) and exc.code in (None, 0)
+            self.close(status="finished" if clean_exit else "interrupted")
+            return
         failed = exc is not None and not isinstance(exc, TrainingAborted)
         if failed and exc is not None:
             self.record_crash(exc)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from nanguard.distributed import is_dtensor
+from nanguard.errors import CheckpointError
 from nanguard.step.norms import simple
 
 
@@ -134,7 +135,9 @@ class _Copy:
 
     def restore(self) -> None:
         with torch.no_grad():
-            if self.data is not None:
+            if self.live.layout != torch.strided:  # a sparse gradient has no storage to copy into: swap it
+                self.live.data = self.saved.clone()
+            elif self.data is not None:
                 if self.live.data is not self.data and (self.live.dtype != self.data.dtype
                                                         or self.live.data_ptr() != self.data.data_ptr()):
                     self.live.data = self.data
@@ -398,17 +401,34 @@ def _scheduler_state(scheduler: Any) -> dict[str, Any] | None:
 
 
 def write_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
-    """Write a checkpoint atomically: a reader never sees a half-written file."""
+    """Write a checkpoint atomically: a reader never sees a half-written file, and a failed write leaves none.
+
+    Any failure (a full disk makes ``torch.save`` raise a ``RuntimeError`` from its zip writer, not an
+    ``OSError``) comes out as :class:`~nanguard.errors.CheckpointError` naming the path, with the cause chained.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        torch.save(payload, tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except Exception as exc:
+        reason = getattr(exc, "strerror", None) or (str(exc).splitlines() or [""])[0].strip()
+        raise CheckpointError(f"could not write the checkpoint {path} ({type(exc).__name__}: {reason})") from exc
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        _remove_quietly(tmp)
     return path
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        if os.path.lexists(path):
+            path.unlink()
+    except OSError:
+        pass
 
 
 __all__ = ["RngState", "SavedState", "Subjects", "restore_scaler", "scaler_state", "write_checkpoint"]

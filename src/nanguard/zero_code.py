@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import runpy
+import signal
 import sys
+import threading
 import traceback
 import weakref
 from collections.abc import Iterator
@@ -104,7 +106,12 @@ class Session:
                 guard.close(status=status)
         summaries = [guard.summary() for guard in self.guards] or [
             {"steps": 0, "skipped": 0, "rollbacks": 0, "clipped": 0, "events": 0, "causes": [], "aborted": False}]
-        self.records.close(merge_summaries(summaries, status), announce=True)
+        summary = merge_summaries(summaries, status)
+        if not summary.get("steps"):  # a syntax error, or a script with no optimizer: claim nothing
+            summary["checked"] = "no optimizer step was seen: nothing was checked for NaN/Inf"
+            if not self.config.console:
+                print(f"[nanguard] {'done' if status == 'finished' else status}: {summary['checked']}", file=sys.stderr)
+        self.records.close(summary, announce=True)
 
 
 def find_models(optimizer: torch.optim.Optimizer, start_depth: int = 2, max_frames: int = 12) -> list[torch.nn.Module]:
@@ -194,31 +201,65 @@ def install(session: Session) -> Patches:
 
 
 def run_script(script: Path, script_args: list[str], config: GuardConfig) -> int:
-    """Run ``script`` as ``__main__`` under the guard; return its exit status. Leaves no patch behind."""
+    """Run ``script`` as ``__main__`` under the guard; return its exit status. Leaves no patch behind.
+
+    Ctrl-C (SIGINT) and SIGTERM (a cluster pre-empting the job) end the script as they would without
+    nanguard, but the records are flushed first and the run is recorded with status ``interrupted``.
+    """
     session = Session(config)
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     sys.argv = [str(script), *script_args]
     sys.path.insert(0, str(script.resolve().parent))
-    status = 0
+    status, outcome = 0, "finished"
     patches = install(session)
+    terminated = _SigtermWatch()
     try:
         runpy.run_path(str(script), run_name="__main__")
     except SystemExit as exc:
         status = _exit_status(exc.code)
+        outcome = "interrupted" if terminated() else ("finished" if status == 0 else "error")
     except TrainingAborted as exc:
         print(f"[nanguard] {exc}", file=sys.stderr)
-        status = 1
-        session.close("aborted")
+        status, outcome = 1, "aborted"
+    except KeyboardInterrupt:
+        status, outcome = 130, "interrupted"
     except BaseException as exc:
         _print_user_traceback(exc, script)
         session.record_crash(exc)
-        status = 130 if isinstance(exc, KeyboardInterrupt) else 1
-        session.close("error")
+        status, outcome = 1, "error"
     finally:
+        terminated.restore()
         patches.undo()
         sys.argv, sys.path = saved_argv, saved_path
-        session.close("finished" if status == 0 else "error")
+        if outcome == "interrupted":
+            steps = sum(guard.step_count for guard in session.guards)
+            signal_name = "SIGTERM" if terminated() else "SIGINT"
+            print(f"[nanguard] {signal_name} after {steps} optimizer steps: records flushed, status interrupted",
+                  file=sys.stderr)
+        session.close(outcome)
     return status
+
+
+class _SigtermWatch:
+    """SIGTERM raises ``SystemExit(143)`` (so ``finally`` blocks and the records' close run) and is noted."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous: Any = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.seen = True
+        raise SystemExit(128 + signum)
+
+    def __call__(self) -> bool:
+        return self.seen
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 def _print_user_traceback(exc: BaseException, script: Path) -> None:

@@ -241,15 +241,26 @@ def test_closure_api_steps_and_reports(tmp_path):
 
 
 def test_previous_run_files_are_set_aside_not_overwritten(tmp_path):
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        guard = nanguard.Guard(model, opt, out_dir=tmp_path, console=False, report=False)
+        train(model, opt, 3)
+        guard.close()
+    kept = list((tmp_path / "previous").glob("*/events.jsonl"))
+    assert len(kept) == 1 and (tmp_path / "events.jsonl").exists()
+
+
+def test_a_users_own_events_file_is_never_moved(tmp_path):
     (tmp_path / "events.jsonl").write_text('{"old": true}\n')
     model = make_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     guard = nanguard.Guard(model, opt, out_dir=tmp_path, console=False, report=False)
     train(model, opt, 3)
     guard.close()
-    kept = list((tmp_path / "previous").glob("*/events.jsonl"))
-    assert len(kept) == 1 and kept[0].read_text() == '{"old": true}\n'
-    assert read_events(tmp_path) == []
+    assert (tmp_path / "events.jsonl").read_text() == '{"old": true}\n'
+    assert not (tmp_path / "previous").exists()
+    assert guard.out_dir != tmp_path and read_events(guard.out_dir) == []
 
 
 def test_guard_rejects_a_non_optimizer_with_a_clear_error():

@@ -20,7 +20,7 @@ from nanguard.actions.policy import Action, Decision, EscalationPolicy
 from nanguard.actions.rollback import Rollback
 from nanguard.causes import DATA_CAUSES, STATE_CAUSES
 from nanguard.config import GuardConfig
-from nanguard.errors import TrainingAborted
+from nanguard.errors import CheckpointError, TrainingAborted
 from nanguard.events import Diagnosis, Event
 from nanguard.forensics.capture import ForwardCall, step_capture
 from nanguard.forensics.desk import Case, Desk
@@ -192,17 +192,26 @@ class Responder:
                                                 "restored from the newest snapshot")
 
     def abort(self, event: Event, reason: str) -> None:
+        """Write the emergency checkpoint, close the records, raise :class:`TrainingAborted` (always that:
+        a checkpoint that could not be written, on a full disk, is named in the message and chained)."""
         p = self.parts
         self.aborted = True
-        saved = p.rollback.emergency_checkpoint(p.records.out_dir, reason) if p.records.writer else None
+        saved: tuple[str, int] | None = None
+        failure: CheckpointError | None = None
+        try:
+            target = p.records.checkpoint_path() if p.records.writer else None
+            saved = p.rollback.emergency_checkpoint(target, reason) if target is not None else None
+        except CheckpointError as exc:
+            failure = exc
         d = event.diagnosis
         place = d.module or d.tensor
         message = (f"nanguard stopped the run at step {event.step}: {reason}. Last cause: {d.cause}"
                    + (f" ({place})" if place else "")
                    + (f". Emergency checkpoint of step {saved[1]}: {saved[0]}" if saved else "")
+                   + (f". No emergency checkpoint: {failure}" if failure else "")
                    + f". Events: {p.records.events_path}")
-        self.close("aborted")
-        raise TrainingAborted(message, checkpoint=saved[0] if saved else None)
+        self.close("aborted")  # the records never raise (nanguard.records)
+        raise TrainingAborted(message, checkpoint=saved[0] if saved else None) from failure
 
     # ------------------------------------------------------------------ a step that raised
     def on_exception(self, step: int, exc: BaseException, calls: list[ForwardCall]) -> Event:

@@ -128,13 +128,15 @@ class Rollback:
         live = [buf for _, buf in self.subjects.named_buffers() if id(buf) in bad]
         return [bad[id(buf)] for buf in snap.restore_tensors(live)]
 
-    def emergency_checkpoint(self, out_dir: Path, reason: str) -> tuple[str, int] | None:
-        """Write the newest finite snapshot to ``out_dir/emergency_checkpoint.pt``; (path, step) or None."""
+    def emergency_checkpoint(self, path: Path, reason: str) -> tuple[str, int] | None:
+        """Write the newest finite snapshot to ``path`` (the out dir's ``emergency_checkpoint.pt``); (path, step)
+        or None when there is no finite snapshot. A failed write raises
+        :class:`~nanguard.errors.CheckpointError` and leaves no partial file."""
         snap = self.newest_finite()
         if snap is None:
             return None
-        path = write_checkpoint(out_dir / "emergency_checkpoint.pt", snap.checkpoint(reason))
-        return str(path), snap.step if snap.step is not None else -1
+        written = write_checkpoint(path, snap.checkpoint(reason))
+        return str(written), snap.step if snap.step is not None else -1
 
 
 __all__ = ["Rollback"]

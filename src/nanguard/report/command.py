@@ -7,6 +7,7 @@ import sys
 import webbrowser
 
 from nanguard._optional import is_available
+from nanguard.errors import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from nanguard.report.render import write_reports
 
-    paths = write_reports(args.run_dir, args.out, args.format)
+    try:
+        paths = write_reports(args.run_dir, args.out, args.format)
+    except OSError as exc:  # --out in a missing or read-only folder, a full disk: one line, exit status 2
+        target = args.out or f"{args.run_dir}/report.*"
+        raise UsageError(f"could not write the report {target} ({exc.strerror or exc}): "
+                         "pass --out FILE in a folder you can write to") from exc
     for path in paths:
         print(path)
     if not is_available("matplotlib"):

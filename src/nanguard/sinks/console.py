@@ -216,7 +216,8 @@ class LiveConsole:
         summary = summary or {}
         counts = self.counts(summary)
         aborted = counts.aborted > 0 or str(summary.get("status", "")).lower() == "aborted"
-        head = f"{PREFIX} {'aborted' if aborted else 'done'}:"
+        interrupted = str(summary.get("status", "")).lower() == "interrupted"
+        head = f"{PREFIX} {'aborted' if aborted else 'interrupted' if interrupted else 'done'}:"
         if not counts.steps and not counts.events:
             line = f"{head} no optimizer step was seen, so nothing was checked"
         else:

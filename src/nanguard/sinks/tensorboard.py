@@ -62,6 +62,7 @@ class TensorBoardSink(FailSafe):
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = os.fspath(log_dir)
+        self.sink_path = self.log_dir
         self._writer = SummaryWriter(log_dir=self.log_dir, flush_secs=flush_secs)
         self._tracker = SignatureTracker()
         self._events = 0

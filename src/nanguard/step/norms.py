@@ -22,8 +22,22 @@ def _grouped(tensors: Iterable[torch.Tensor]) -> dict[tuple[torch.device, torch.
     return groups
 
 
+def _dense(tensor: torch.Tensor) -> torch.Tensor:
+    """The stored values of a sparse gradient (``nn.Embedding(sparse=True)``): same norm, same finiteness.
+
+    Torch has no fused norm for sparse layouts; a COO gradient is coalesced first so that repeated
+    indices add up as they do in the parameter update.
+    """
+    if tensor.layout == torch.strided:
+        return tensor
+    if tensor.layout == torch.sparse_coo:
+        return tensor.coalesce().values()
+    return tensor.values()  # CSR/CSC/BSR/BSC
+
+
 def _foreach_norms_fp32(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Per-tensor L2 norms accumulated in float32, so a float16 gradient of norm 7e4 is not called inf."""
+    tensors = [_dense(t) for t in tensors]
     if tensors[0].dtype in (torch.float16, torch.bfloat16):
         try:
             return list(torch._foreach_norm(tensors, 2, dtype=torch.float32))  # type: ignore[call-arg]
