@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import math
 import subprocess
@@ -156,3 +157,13 @@ def test_the_command_module_imports_nothing_heavy() -> None:
     code = "import sys, nanguard.demo; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_demo_reports_the_sub_directory_it_wrote_to_when_the_out_dir_holds_a_users_file(tmp_path) -> None:
+    (tmp_path / "report.md").write_text("my own notes\n")
+    tiny = Settings(steps=4, batch_size=4, seq_len=16, eval_batches=1)
+    with one_thread():
+        result = train(tiny, FaultPlan.none(), guard_dir=tmp_path, console=io.StringIO())
+    assert result.run_dir is not None and result.run_dir != tmp_path and result.run_dir.parent == tmp_path
+    assert (result.run_dir / "report.html").is_file()
+    assert (tmp_path / "report.md").read_text() == "my own notes\n"

@@ -38,15 +38,16 @@ def run_demo(*, steps: int, seed: int, out_dir: Path, contrast: bool, as_json: b
     _say(console, summary.comparison_block(guarded, unguarded, reference))
     if guarded.aborted:
         _say(console, f"  {guarded.aborted}")
-    report = out_dir / "report.html"
+    run_dir = guarded.run_dir or out_dir
+    report = run_dir / "report.html"
     if report.is_file():
-        _say(console, f"\nReport: {report}   (events: {out_dir / 'events.jsonl'}, history: {out_dir / 'history.csv'})")
+        _say(console, f"\nReport: {report}   (events: {run_dir / 'events.jsonl'}, history: {run_dir / 'history.csv'})")
     else:
         _say(console, f"\nnanguard demo: the guard did not write {report} (see the warnings above)")
 
     if as_json:
         payload = summary.summary_json((guarded, unguarded, reference), faults,
-                                       setup={"steps": steps, "seed": seed, "out_dir": out_dir},
+                                       setup={"steps": steps, "seed": seed, "out_dir": run_dir},
                                        report=report if report.is_file() else None,
                                        seconds=time.perf_counter() - started)
         json.dump(payload, sys.stdout, indent=2, allow_nan=False)

@@ -63,6 +63,7 @@ class RunResult:
     events: list[dict[str, Any]] = field(default_factory=list)
     guard_summary: dict[str, Any] = field(default_factory=dict)
     aborted: str | None = None
+    run_dir: Path | None = None  # where the guard wrote; a sub-directory when the asked-for one was busy
 
     @property
     def first_nonfinite_step(self) -> int | None:
@@ -138,6 +139,7 @@ def train(settings: Settings, plan: FaultPlan, *, guard_dir: Path | None = None,
         seconds=seconds, injected=injected, aborted=aborted,
         events=[event.to_dict() for event in guard.events] if guard is not None else [],
         guard_summary=guard.summary() if guard is not None else {},
+        run_dir=Path(guard.out_dir) if guard is not None else None,
     )
 
 
