@@ -59,3 +59,57 @@ def test_early_rule_ignores_losses_that_start_non_positive():
 def test_adaptive_clip_is_off_by_default_and_on_in_the_clip_preset():
     assert not GuardConfig.preset("safe").spikes.adaptive_clip
     assert GuardConfig.preset("clip").spikes.adaptive_clip
+
+
+def _fit(tmp_path, lr_at, steps: int, *, guarded: bool = True, **kw) -> tuple[nn.Module, list[float], object]:
+    """SGD on a small regression; ``lr_at(step)`` multiplies the schedule's LR (a unit bug in a LambdaLR)."""
+    torch.manual_seed(0)
+    x, y = _regression()
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    guard = _guard(model, opt, tmp_path, scheduler=sched, **kw) if guarded else None
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        idx = torch.randint(0, x.shape[0], (32,), generator=gen)
+        loss = F.mse_loss(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    with torch.no_grad():
+        final = float(F.mse_loss(model(x), y))
+    if guard is not None:
+        guard.close()
+    return model, [final], guard
+
+
+def test_a_schedule_kept_high_is_pinned_and_the_run_finishes(tmp_path):
+    """Item 2: LR x1000 from step 25 on used to end in five back-offs, five rollbacks and an abort."""
+    _, (final,), guard = _fit(tmp_path, lambda s: 1000.0 if s >= 25 else 1.0, 120)
+    _, (clean,), _ = _fit(tmp_path / "clean", lambda s: 1.0, 120, guarded=False)
+    events = read_events(tmp_path)
+    assert [(e["trigger"], e["action"], e["diagnosis"]["cause"]) for e in events] == \
+        [("loss_spike", "rollback", "learning_rate_spike")]
+    assert events[0]["step"] == 26 and events[0]["details"]["rolled_back_to_step"] <= 25
+    assert guard.lr.pinned == pytest.approx(0.05)
+    assert math.isfinite(final) and final <= 1.05 * clean + 0.01
+
+
+def test_the_pin_is_released_when_the_schedule_comes_back(tmp_path):
+    _, (final,), guard = _fit(tmp_path, lambda s: 1000.0 if 25 <= s < 60 else 1.0, 120)
+    events = read_events(tmp_path)
+    assert [e["diagnosis"]["cause"] for e in events] == ["learning_rate_spike"]
+    assert guard.lr.pinned is None and guard.lr.applied[-1][1] == pytest.approx(0.05)
+    assert math.isfinite(final)
+
+
+def test_rollback_never_returns_to_the_snapshot_taken_after_the_bad_update(tmp_path):
+    """Item 3: LR x5000 at step 150 only; the snapshot taken after step 150 holds the damage."""
+    _, (final,), guard = _fit(tmp_path, lambda s: 5000.0 if s == 150 else 1.0, 200, snapshot_every=50)
+    _, (clean,), _ = _fit(tmp_path / "clean", lambda s: 1.0, 150, guarded=False)  # 50 steps were rolled back
+    events = read_events(tmp_path)
+    assert events[0]["step"] == 151 and events[0]["action"] == "rollback"
+    assert events[0]["details"]["rolled_back_to_step"] <= 150
+    assert all(s.step <= 150 or s.step > 152 for s in guard.rollback.ring)
+    assert math.isfinite(final) and final <= 1.05 * clean + 0.01

@@ -144,10 +144,16 @@ class Responder:
             suspect, line = p.desk.damaged_by_update(case, funded)
             if line:
                 diagnosis.evidence.append(line)
-            if suspect:
+            if suspect and p.lr.pinned is None:
                 p.lr.blame(verdict.step, diagnosis)
-        decision = p.policy.decide(trigger, diagnosis.cause, can_rollback=p.rollback.can_restore(),
-                                   update_applied=update_applied or suspect)
+        jump = p.lr.jump(verdict.step) if trigger != "divergence" and p.lr.pinned is None else None
+        if jump is not None:
+            p.lr.blame(verdict.step, diagnosis)
+            decision = p.policy.learning_rate_spike(jump[0], can_rollback=p.rollback.can_restore())
+            p.lr.pin(jump[2])
+        else:
+            decision = p.policy.decide(trigger, diagnosis.cause, can_rollback=p.rollback.can_restore(),
+                                       update_applied=update_applied or suspect)
         if decision.lr_backoff:
             p.lr.back_off()
         if decision.drops_update and not update_applied:
@@ -177,7 +183,7 @@ class Responder:
     def _act(self, decision: Decision, step: int, event: Event) -> None:
         p = self.parts
         if decision.rollback:
-            snap = p.rollback.restore(step, self.streak_start)
+            snap = p.rollback.restore(step, self.streak_start, decision.before)
             event.details["rolled_back_to_step"] = snap.step if snap is not None else None
             if snap is not None and "detector" in snap.extra:
                 p.detector.load_state_dict(snap.extra["detector"])
