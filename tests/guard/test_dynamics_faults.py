@@ -113,3 +113,41 @@ def test_rollback_never_returns_to_the_snapshot_taken_after_the_bad_update(tmp_p
     assert events[0]["details"]["rolled_back_to_step"] <= 150
     assert all(s.step <= 150 or s.step > 152 for s in guard.rollback.ring)
     assert math.isfinite(final) and final <= 1.05 * clean + 0.01
+
+
+def _switch(tmp_path, change, steps: int = 300, *, guarded: bool = True) -> float:
+    """Adam on a small regression whose batches go through ``change(step, y)``; returns the last 20 steps' mean loss."""
+    torch.manual_seed(0)
+    x, y = _regression()
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    guard = _guard(model, opt, tmp_path) if guarded else None
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for step in range(steps):
+        idx = torch.randint(0, x.shape[0], (32,), generator=gen)
+        loss = F.mse_loss(model(x[idx]), change(step, y[idx]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    if guard is not None:
+        guard.close()
+    return sum(losses[-20:]) / 20
+
+
+def test_a_task_switch_is_one_level_shift_and_the_run_trains_on(tmp_path):
+    """Item 4: targets x10 from step 100 on used to go skip -> rollback -> LR back-off -> abort."""
+    final = _switch(tmp_path, lambda step, y: y * 10 if step >= 100 else y)
+    events = read_events(tmp_path)
+    assert [(e["step"], e["diagnosis"]["cause"], e["action"]) for e in events] == [(100, "level_shift", "none")]
+    assert events[0]["details"]["held_steps"] == [100, 101, 102]
+    plain = _switch(tmp_path, lambda step, y: y * 10 if step >= 100 else y, guarded=False)
+    assert final <= 1.05 * plain  # trained on the new level as plain PyTorch does (3 updates fewer), not aborted
+
+
+def test_a_one_off_label_outlier_is_skipped_not_taken_for_a_level_shift(tmp_path):
+    _switch(tmp_path, lambda step, y: y * 30 if step == 100 else y)
+    events = read_events(tmp_path)
+    assert [(e["step"], e["action"]) for e in events] == [(100, "skip")]
+    assert events[0]["diagnosis"]["cause"] != "level_shift"

@@ -53,6 +53,12 @@ class DivergenceWatch:
         self.best = math.inf
         return line
 
+    def rebaseline(self) -> None:
+        """Forget the loss history (a new normal level was accepted)."""
+        self.best, self.cooldown, self._total = math.inf, 0, 0.0
+        self._prefix.clear()
+        self._prefix.append(0.0)
+
     def _rebase(self) -> None:
         """Keep the prefix sums small (they only ever need differences)."""
         base = self._prefix[0]
