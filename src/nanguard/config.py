@@ -91,7 +91,7 @@ class GuardConfig:
     check_weights_every: int = 50
     spikes: SpikeConfig = field(default_factory=SpikeConfig)
     divergence_window: int = 200
-    divergence_ratio: float = 3.0
+    divergence_ratio: float = 2.0
     snapshot_every: int = 50
     snapshot_keep: int = 2
     snapshot_device: str = "cpu"

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nanguard
+from nanguard.actions.divergence import DivergenceWatch
 from nanguard.config import GuardConfig
 from nanguard.step.detector import RunningStats
 from tests.conftest import read_events
@@ -151,3 +152,34 @@ def test_a_one_off_label_outlier_is_skipped_not_taken_for_a_level_shift(tmp_path
     events = read_events(tmp_path)
     assert [(e["step"], e["action"]) for e in events] == [(100, "skip")]
     assert events[0]["diagnosis"]["cause"] != "level_shift"
+
+
+def _watch(window: int = 200) -> DivergenceWatch:
+    return DivergenceWatch(GuardConfig(divergence_window=window))
+
+
+def test_a_slow_divergence_is_flagged_by_the_time_the_smoothed_loss_doubles():
+    """Item 5: SGD with momentum 0.9, loss 1.5 -> 6 over 300 steps, used to be flagged only at step 299."""
+    gen = torch.Generator().manual_seed(0)
+    noise = 1.0 + 0.1 * torch.randn(300, generator=gen)
+    watch = _watch()
+    fired = [t for t in range(300) if watch.observe(1.5 * 4 ** (t / 300) * float(noise[t])) is not None]
+    # The 20-step mean reaches twice its best (about 1.57) near step 170.
+    assert fired and 120 <= fired[0] <= 185
+
+
+def test_a_loss_heading_to_zero_is_not_divergence():
+    """Item 5: Adam overfitting got 17 divergence -> lr_backoff events at losses between 1e-8 and 6e-6."""
+    gen = torch.Generator().manual_seed(0)
+    watch = _watch()
+    losses = [math.exp(-t / 11) for t in range(200)]  # 1 -> 1e-8
+    level = 1e-8
+    for _ in range(800):  # then wanders up and down three orders of magnitude near zero
+        level = min(6e-6, max(1e-9, level * math.exp(0.3 * float(torch.randn((), generator=gen)) + 0.01)))
+        losses.append(level)
+    assert [loss for loss in losses if watch.observe(loss) is not None] == []
+
+
+def test_a_negative_loss_is_never_called_diverging():
+    watch = _watch(40)
+    assert all(watch.observe(-5.0 + 0.01 * t) is None for t in range(400))
