@@ -8,7 +8,9 @@ when the smoothed loss is ``divergence_ratio`` times its best (twice, by default
   a trend);
 * the rise is significant against the loss's own noise: more than 4 standard errors of the block mean;
 * and in absolute terms: more than 1e-3 of the loss's first smoothed value, so a loss heading to zero
-  (1e-8 -> 6e-6) is not called diverging.
+  (1e-8 -> 6e-6) is not called diverging;
+* all of that for ``m / 2`` steps in a row: a fast bump that levels off (a OneCycle schedule's peak) is
+  not a trend.
 
 A loss whose best is not positive (a contrastive or RL objective) is not judged by ratio. After it fires
 it waits ``divergence_window`` steps before it can fire again.
@@ -24,6 +26,7 @@ from nanguard.config import GuardConfig
 
 SIGNIFICANCE = 4.0
 ABSOLUTE = 1e-3
+PERSIST = 0.5  # the rise must hold for this many blocks' worth of steps in a row
 
 
 class DivergenceWatch:
@@ -39,6 +42,7 @@ class DivergenceWatch:
         self.first = math.nan
         self.cooldown = 0
         self.seen = 0
+        self.streak = 0  # consecutive steps the rise has held
         self._sums: deque[tuple[float, float]] = deque([(0.0, 0.0)], maxlen=3 * self.m + 1)
 
     def _block(self, back: int) -> tuple[float, float]:
@@ -71,17 +75,20 @@ class DivergenceWatch:
             return None
         older, old = self._block(2)[0], self._block(1)[0]
         rise = now - self.best
-        if not (older < old < now and rise > SIGNIFICANCE * math.sqrt(var / self.m) and rise > ABSOLUTE * self.first):
+        rising = older < old < now and rise > SIGNIFICANCE * math.sqrt(var / self.m) and rise > ABSOLUTE * self.first
+        self.streak = self.streak + 1 if rising else 0
+        if self.streak < PERSIST * self.m:
             return None
         line = (f"mean loss of the last {self.m} steps is {now:.4g}, {now / self.best:.2f}x the best smoothed loss "
                 f"{self.best:.4g} of the run; it rose in each of the last 3 blocks of {self.m} steps, by more than "
                 f"{SIGNIFICANCE:g} standard errors of its own noise")
         self.cooldown = self.window
         self.best = math.inf
+        self.streak = 0
         return line
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "first": self.first, "cooldown": self.cooldown, "seen": self.seen,
+        return {"best": self.best, "first": self.first, "cooldown": self.cooldown, "seen": self.seen, "streak": self.streak,
                 "sums": [list(v) for v in self._sums]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -92,6 +99,7 @@ class DivergenceWatch:
         self.first = float(state.get("first", math.nan))
         self.cooldown = int(state.get("cooldown", 0))
         self.seen = int(state.get("seen", 0))
+        self.streak = int(state.get("streak", 0))
         self._sums.clear()
         self._sums.extend((float(t), float(q)) for t, q in state["sums"])
 
