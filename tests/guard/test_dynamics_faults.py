@@ -43,6 +43,8 @@ def test_explosion_from_step_zero_is_caught_in_the_first_steps(tmp_path):
     events = read_events(tmp_path)
     assert events and events[0]["step"] <= 10
     assert events[0]["trigger"] in ("loss_spike", "grad_spike")
+    assert events[0]["diagnosis"]["cause"] in ("divergence", "gradient_explosion")
+    assert "diverging from its start" in events[0]["diagnosis"]["evidence"][0]
 
 
 def test_early_rule_ignores_losses_that_start_non_positive():

@@ -153,6 +153,8 @@ class Responder:
                 diagnosis.evidence.append(line)
             if suspect and p.lr.pinned is None:
                 p.lr.blame(verdict.step, diagnosis)
+        if trigger in ("loss_spike", "grad_spike") and diagnosis.cause in ("loss_spike", "gradient_explosion", "unknown"):
+            self._early_divergence(verdict, trigger, diagnosis)
         jump = p.lr.jump(verdict.step) if trigger != "divergence" and p.lr.pinned is None else None
         shift = (jump is None and not update_applied and not suspect and trigger in ("loss_spike", "grad_spike")
                  and diagnosis.cause not in STATE_CAUSES and verdict.loss is not None and math.isfinite(verdict.loss))
@@ -188,6 +190,23 @@ class Responder:
         self._row(verdict, decision.action.value, trigger)
         if decision.abort:
             self.abort(event, decision.reason)
+
+    def _early_divergence(self, verdict: Verdict, trigger: str, diagnosis: Diagnosis) -> None:
+        """A spike caught by the early-run rule (the statistics still warming up) is the run diverging from
+        its start, not an odd batch: say so, with the growth measured."""
+        stats = self.parts.detector.loss if trigger == "loss_spike" else self.parts.detector.grad
+        value = verdict.loss if trigger == "loss_spike" else verdict.grad_norm
+        if stats.warm or value is None or stats.first <= 0:
+            return
+        what = "loss" if trigger == "loss_spike" else "gradient norm"
+        diagnosis.cause = "divergence" if trigger == "loss_spike" else "gradient_explosion"
+        diagnosis.phase, diagnosis.confidence = "optimizer", max(diagnosis.confidence, 0.7)
+        diagnosis.evidence.insert(0, f"the {what} grew from {stats.first:.4g} (the largest of its first "
+                                     f"{stats.early_min} values) to {value:.4g} by step {verdict.step}, "
+                                     f"{value / stats.first:.3g}x (the early-run limit is {stats.early_ratio:g}x): "
+                                     "the run is diverging from its start")
+        diagnosis.fixes = [f"lower the learning rate (now {self.parts.lr.current()}) or add a warm-up",
+                           "clip gradients (torch.nn.utils.clip_grad_norm_) or use the 'clip' preset", *diagnosis.fixes]
 
     def _steady(self, losses: list[float | None]) -> bool:
         """``rollback_after`` positive finite losses on one level (within 4x of each other, the last not 1.5x
