@@ -53,6 +53,9 @@ class SpikeConfig:
     grad_ratio: float = 4.0
     peak_ratio: float = 3.0
     peak_decay: float = 0.995
+    # The loss's peak forgets faster (half-life ~34 steps): a loss back at an untrained model's level after a
+    # warm-up's fast drop is an event (a data switch), while gradient norms keep a long memory of their heavy tail.
+    loss_peak_decay: float = 0.98
     adaptive_clip: bool = False
     early_min_steps: int = 3
     early_loss_ratio: float = 10.0
@@ -74,6 +77,7 @@ class SpikeConfig:
         _check(self.early_loss_ratio > 1.0, f"{prefix}.early_loss_ratio", self.early_loss_ratio, "a float > 1")
         _check(self.early_grad_ratio > 1.0, f"{prefix}.early_grad_ratio", self.early_grad_ratio, "a float > 1")
         _check(0.0 < self.peak_decay <= 1.0, f"{prefix}.peak_decay", self.peak_decay, "a float in (0, 1]")
+        _check(0.0 < self.loss_peak_decay <= 1.0, f"{prefix}.loss_peak_decay", self.loss_peak_decay, "a float in (0, 1]")
 
 
 @dataclass(kw_only=True)

@@ -107,9 +107,9 @@ class RunningStats:
         return {"mean": self.mean, "std": self.std(), "count": float(self.count), "peak": self.peak}
 
 
-def _stats(spikes: SpikeConfig, early_ratio: float) -> RunningStats:
+def _stats(spikes: SpikeConfig, early_ratio: float, peak_decay: float) -> RunningStats:
     return RunningStats(alpha=spikes.ema_alpha, warmup=spikes.warmup_steps, clip_z=spikes.clip_z,
-                        peak_ratio=spikes.peak_ratio, peak_decay=spikes.peak_decay,
+                        peak_ratio=spikes.peak_ratio, peak_decay=peak_decay,
                         early_min=spikes.early_min_steps, early_ratio=early_ratio)
 
 
@@ -118,8 +118,8 @@ class Detector:
 
     def __init__(self, config: GuardConfig) -> None:
         self.config = config
-        self.loss = _stats(config.spikes, config.spikes.early_loss_ratio)
-        self.grad = _stats(config.spikes, config.spikes.early_grad_ratio)
+        self.loss = _stats(config.spikes, config.spikes.early_loss_ratio, config.spikes.loss_peak_decay)
+        self.grad = _stats(config.spikes, config.spikes.early_grad_ratio, config.spikes.peak_decay)
         self.loss_history: deque[float] = deque(maxlen=max(HISTORY, config.divergence_window))
         self.grad_history: deque[float] = deque(maxlen=HISTORY)
         # Per batch field: (step, abs-max) of recent batches; a step's own batch is left out when judging it.
@@ -160,8 +160,8 @@ class Detector:
     def rebaseline(self) -> None:
         """Forget the spike statistics (a new normal level was accepted): they warm up again on it."""
         spikes = self.config.spikes
-        self.loss = _stats(spikes, spikes.early_loss_ratio)
-        self.grad = _stats(spikes, spikes.early_grad_ratio)
+        self.loss = _stats(spikes, spikes.early_loss_ratio, spikes.loss_peak_decay)
+        self.grad = _stats(spikes, spikes.early_grad_ratio, spikes.peak_decay)
         self._limits = None
 
     def note_batch_scale(self, step: int, scales: dict[str, float]) -> None:
