@@ -36,10 +36,11 @@ class SpikeConfig:
     Adaptive clipping (``adaptive_clip``) changes healthy steps, so it is off by default (the ``clip``
     preset turns it on); every clipped step is counted in history.csv, the summary and the report.
 
-    The early-run rule covers the warm-up, when the statistics know too little to judge: from the
-    ``early_min_steps``-th accepted step on, a loss ``early_loss_ratio`` times the largest of the first
+    The early-run rule covers the warm-up, when the statistics know too little to judge: after the first
+    ``early_min_steps`` accepted steps, a loss ``early_loss_ratio`` times the largest of the first
     ``early_min_steps`` losses (only when those were all positive), or a gradient norm ``early_grad_ratio``
-    times the largest of the first norms, is a spike. A run that explodes from its first step is caught
+    times the largest of the first norms, is a spike. The default baseline is the very first step (an
+    untrained model's loss): a learning rate that ruins the weights in the first update shows at step 1. A run that explodes from its first step is caught
     before the statistics can learn the explosion as normal.
     """
 
@@ -57,7 +58,7 @@ class SpikeConfig:
     # warm-up's fast drop is an event (a data switch), while gradient norms keep a long memory of their heavy tail.
     loss_peak_decay: float = 0.98
     adaptive_clip: bool = False
-    early_min_steps: int = 3
+    early_min_steps: int = 1
     early_loss_ratio: float = 10.0
     early_grad_ratio: float = 30.0
 

@@ -59,6 +59,18 @@ def test_early_rule_ignores_losses_that_start_non_positive():
     assert positive.is_spike(26.0, 6.0, 2.0) and not positive.is_spike(24.0, 6.0, 2.0)
 
 
+def test_a_level_shift_is_not_accepted_on_a_loss_already_climbing(tmp_path):
+    """WLM GRU at AdamW lr 20: the loss climbed 25 -> 249 through accepted steps, then three frozen-weight spikes
+    sat on one level and were taken for a new normal. A climbing run is not a level shift."""
+    def change(step, y):
+        return y * (1.0 + 0.05 * max(0, step - 80)) * (10.0 if step >= 120 else 1.0)
+    try:
+        _switch(tmp_path, change, steps=140)
+    except nanguard.TrainingAborted:  # a run that keeps exploding may end in an abort; never in an acceptance
+        pass
+    assert "level_shift" not in [e["diagnosis"]["cause"] for e in read_events(tmp_path)]
+
+
 def test_adaptive_clip_is_off_by_default_and_on_in_the_clip_preset():
     assert not GuardConfig.preset("safe").spikes.adaptive_clip
     assert GuardConfig.preset("clip").spikes.adaptive_clip

@@ -39,6 +39,7 @@ class DivergenceWatch:
     def rebaseline(self) -> None:
         """Forget the loss history (the start of a run, or a new normal level was accepted)."""
         self.best = math.inf
+        self.low = math.inf  # the best smoothed loss since the start or the last level shift (never reset on firing)
         self.first = math.nan
         self.cooldown = 0
         self.seen = 0
@@ -68,6 +69,7 @@ class DivergenceWatch:
         if math.isnan(self.first):
             self.first = abs(now)
         self.best = min(self.best, now)
+        self.low = min(self.low, now)
         if self.cooldown > 0:
             self.cooldown -= 1
             return None
@@ -87,8 +89,16 @@ class DivergenceWatch:
         self.streak = 0
         return line
 
+    def climbing(self) -> bool:
+        """Has the smoothed loss risen to ``divergence_ratio`` times its lowest since the start (or the last
+        level shift), significantly against its noise? (Never for losses <= 0, or while too little is known.)"""
+        if self.seen < self.m or not (0 < self.low < math.inf):
+            return False
+        now, var = self._block(0)
+        return now >= self.ratio * self.low and now - self.low > SIGNIFICANCE * math.sqrt(var / self.m)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "first": self.first, "cooldown": self.cooldown, "seen": self.seen, "streak": self.streak,
+        return {"best": self.best, "low": self.low, "first": self.first, "cooldown": self.cooldown, "seen": self.seen, "streak": self.streak,
                 "sums": [list(v) for v in self._sums]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -96,6 +106,7 @@ class DivergenceWatch:
         if "sums" not in state:  # a checkpoint of the 0.1 watch: start the history afresh
             return
         self.best = float(state.get("best", math.inf))
+        self.low = float(state.get("low", math.inf))
         self.first = float(state.get("first", math.nan))
         self.cooldown = int(state.get("cooldown", 0))
         self.seen = int(state.get("seen", 0))

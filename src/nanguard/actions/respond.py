@@ -210,12 +210,14 @@ class Responder:
 
     def _steady(self, losses: list[float | None]) -> bool:
         """``rollback_after`` positive finite losses on one level (within 4x of each other, the last not 1.5x
-        the first), seen by statistics that had warmed up on the old level: an explosion in the first steps is
-        not a new normal."""
+        the first), seen by statistics that had warmed up on the old level, on a run whose smoothed loss was
+        not already climbing: an explosion is not a new normal."""
         values = [v for v in losses if v is not None and math.isfinite(v) and v > 0]
         if len(values) < len(losses) or len(values) < self.parts.config.rollback_after:
             return False
-        return self.parts.detector.loss.warm and max(values) <= 4.0 * min(values) and values[-1] <= 1.5 * values[0]
+        calm = not self.parts.divergence.climbing()  # a loss already climbing before the spikes is no new normal
+        return (self.parts.detector.loss.warm and calm and max(values) <= 4.0 * min(values)
+                and values[-1] <= 1.5 * values[0])
 
     def _accept_level_shift(self, verdict: Verdict, diagnosis: Diagnosis) -> None:
         """The loss moved to a new steady level: accept it (one event, action none) and re-baseline."""
