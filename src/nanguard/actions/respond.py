@@ -201,8 +201,8 @@ class Responder:
         what = "loss" if trigger == "loss_spike" else "gradient norm"
         diagnosis.cause = "divergence" if trigger == "loss_spike" else "gradient_explosion"
         diagnosis.phase, diagnosis.confidence = "optimizer", max(diagnosis.confidence, 0.7)
-        diagnosis.evidence.insert(0, f"the {what} grew from {stats.first:.4g} (the largest of its first "
-                                     f"{stats.early_min} values) to {value:.4g} by step {verdict.step}, "
+        base = "its first value" if stats.early_min == 1 else f"the largest of its first {stats.early_min} values"
+        diagnosis.evidence.insert(0, f"the {what} grew from {stats.first:.4g} ({base}) to {value:.4g} by step {verdict.step}, "
                                      f"{value / stats.first:.3g}x (the early-run limit is {stats.early_ratio:g}x): "
                                      "the run is diverging from its start")
         diagnosis.fixes = [f"lower the learning rate (now {self.parts.lr.current()}) or add a warm-up",
