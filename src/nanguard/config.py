@@ -32,6 +32,16 @@ class SpikeConfig:
     Above ``clip_z`` gradients are clipped (``adaptive_clip``), above ``skip_z`` the step is skipped, and a
     spike at or above ``alarm_z`` is also investigated with a replay (forensics budget permitting); a milder
     one gets the replay-free triage.
+
+    Adaptive clipping (``adaptive_clip``) changes healthy steps, so it is off by default (the ``clip``
+    preset turns it on); every clipped step is counted in history.csv, the summary and the report.
+
+    The early-run rule covers the warm-up, when the statistics know too little to judge: after the first
+    ``early_min_steps`` accepted steps, a loss ``early_loss_ratio`` times the largest of the first
+    ``early_min_steps`` losses (only when those were all positive), or a gradient norm ``early_grad_ratio``
+    times the largest of the first norms, is a spike. The default baseline is the very first step (an
+    untrained model's loss): a learning rate that ruins the weights in the first update shows at step 1. A run that explodes from its first step is caught
+    before the statistics can learn the explosion as normal.
     """
 
     enabled: bool = True
@@ -44,7 +54,13 @@ class SpikeConfig:
     grad_ratio: float = 4.0
     peak_ratio: float = 3.0
     peak_decay: float = 0.995
-    adaptive_clip: bool = True
+    # The loss's peak forgets faster (half-life ~34 steps): a loss back at an untrained model's level after a
+    # warm-up's fast drop is an event (a data switch), while gradient norms keep a long memory of their heavy tail.
+    loss_peak_decay: float = 0.98
+    adaptive_clip: bool = False
+    early_min_steps: int = 1
+    early_loss_ratio: float = 10.0
+    early_grad_ratio: float = 30.0
 
     def validate(self, prefix: str) -> None:
         _check(self.warmup_steps >= 1, f"{prefix}.warmup_steps", self.warmup_steps, "an integer >= 1")
@@ -58,7 +74,11 @@ class SpikeConfig:
         _check(self.loss_ratio > 1.0, f"{prefix}.loss_ratio", self.loss_ratio, "a float > 1")
         _check(self.grad_ratio > 1.0, f"{prefix}.grad_ratio", self.grad_ratio, "a float > 1")
         _check(self.peak_ratio >= 0.0, f"{prefix}.peak_ratio", self.peak_ratio, "a float >= 0 (0 = no peak test)")
+        _check(self.early_min_steps >= 1, f"{prefix}.early_min_steps", self.early_min_steps, "an integer >= 1")
+        _check(self.early_loss_ratio > 1.0, f"{prefix}.early_loss_ratio", self.early_loss_ratio, "a float > 1")
+        _check(self.early_grad_ratio > 1.0, f"{prefix}.early_grad_ratio", self.early_grad_ratio, "a float > 1")
         _check(0.0 < self.peak_decay <= 1.0, f"{prefix}.peak_decay", self.peak_decay, "a float in (0, 1]")
+        _check(0.0 < self.loss_peak_decay <= 1.0, f"{prefix}.loss_peak_decay", self.loss_peak_decay, "a float in (0, 1]")
 
 
 @dataclass(kw_only=True)
@@ -76,7 +96,7 @@ class GuardConfig:
     check_weights_every: int = 50
     spikes: SpikeConfig = field(default_factory=SpikeConfig)
     divergence_window: int = 200
-    divergence_ratio: float = 3.0
+    divergence_ratio: float = 2.0
     snapshot_every: int = 50
     snapshot_keep: int = 2
     snapshot_device: str = "cpu"
@@ -134,7 +154,8 @@ class GuardConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> GuardConfig:
-        """``safe`` (default): every protection. ``fast``: fewest checks that still skip bad steps.
+        """``safe`` (default): every protection, and a healthy run stays bit for bit what it was. ``clip``:
+        ``safe`` plus adaptive gradient clipping. ``fast``: fewest checks that still skip bad steps.
         ``forensic``: check weights every step, snapshot often, investigate every event."""
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}")
@@ -148,6 +169,8 @@ class GuardConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "safe": {},
+    # "safe" plus adaptive clipping of gradient norms above clip_z deviations (changes healthy steps).
+    "clip": {"spikes": {"adaptive_clip": True}},
     "fast": {"check_weights_every": 500, "snapshot_every": 500, "forensics_max_events": 1, "history_every": 10},
     "forensic": {"check_weights_every": 1, "snapshot_every": 20, "snapshot_keep": 3, "forensics_max_events": 50},
 }

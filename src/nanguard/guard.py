@@ -213,6 +213,7 @@ class Guard:
                 self.flush()
             except TrainingAborted:
                 pass
+            self.responder.release_held()
         self._closed = True
         self.pipeline.closed = True
         self._release()

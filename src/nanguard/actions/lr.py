@@ -6,6 +6,9 @@
   guard holds one of its instances (refcounted, see :mod:`nanguard.patches`), and a registry of held
   instances decides; nothing is written onto the scheduler, so its ``state_dict()`` stays the user's.
 * The learning rate each applied update used is remembered, so a spike of it can be named.
+* After a learning-rate spike the LR is *pinned*: while the schedule's value stays ``JUMP`` times above
+  the level the updates used before the jump, each update uses that earlier level instead (the
+  multiplier is ``level / schedule``); once the schedule comes back below, the pin is released.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from nanguard.config import GuardConfig
 from nanguard.events import Diagnosis
 
 _HELD: weakref.WeakKeyDictionary[Any, LearningRate] = weakref.WeakKeyDictionary()
+JUMP = 3.0  # an update whose LR is this many times the median of the ones before it used a spiked LR
 
 
 def _make_scheduler_step(original: Any) -> Any:
@@ -49,6 +53,7 @@ class LearningRate:
         self._hold = False
         self._leases: dict[int, tuple[Any, patches.Lease]] = {}
         self.applied: deque[tuple[int, float]] = deque(maxlen=64)
+        self.pinned: float | None = None  # the LR level held while the schedule stays spiked
 
     # ------------------------------------------------------------------ multiplier
     def back_off(self) -> None:
@@ -58,17 +63,34 @@ class LearningRate:
         if self.multiplier < 1.0:
             self.multiplier = min(1.0, self.multiplier * self._restore_factor)
 
+    def pin(self, level: float) -> None:
+        """Hold updates at ``level`` while the schedule stays spiked above it."""
+        self.pinned = level
+
+    def _factor(self) -> float:
+        """The multiplier times the pin's factor (releasing the pin once the schedule is back in line)."""
+        if self.pinned is None:
+            return self.multiplier
+        groups = self.optimizer.param_groups
+        lr = groups[0].get("lr") if groups else None
+        if lr is None or isinstance(lr, torch.Tensor) or float(lr) * self.multiplier < JUMP * self.pinned:
+            self.pinned = None
+            return self.multiplier
+        return self.pinned / float(lr)
+
     def apply(self, step: int) -> list[Any] | None:
-        """Scale every group's LR by the multiplier for one real update; pass the result to :meth:`restore`."""
+        """Scale every group's LR by the multiplier (and the pin) for one real update; pass the result to
+        :meth:`restore`."""
         groups = self.optimizer.param_groups
         first = groups[0]["lr"] if groups else None
+        factor = self._factor()
         if first is not None and not isinstance(first, torch.Tensor):
-            self.applied.append((step, float(first) * self.multiplier))
-        if self.multiplier == 1.0:
+            self.applied.append((step, float(first) * factor))
+        if factor == 1.0:
             return None
         saved = [group["lr"] for group in groups]
         for group in groups:
-            group["lr"] = group["lr"] * self.multiplier
+            group["lr"] = group["lr"] * factor
         return saved
 
     def restore(self, saved: list[Any] | None) -> None:
@@ -82,6 +104,8 @@ class LearningRate:
         lr = groups[0].get("lr") if groups else None
         if lr is None or isinstance(lr, torch.Tensor):
             return None
+        if self.pinned is not None and float(lr) * self.multiplier >= JUMP * self.pinned:
+            return self.pinned
         return float(lr) * self.multiplier
 
     # ------------------------------------------------------------------ scheduler hold
@@ -110,15 +134,25 @@ class LearningRate:
         self._leases.clear()
 
     # ------------------------------------------------------------------ evidence
-    def blame(self, step: int, diagnosis: Diagnosis) -> None:
-        """The last update damaged the weights: if its learning rate jumped, that is the story to tell."""
+    def jump(self, step: int) -> tuple[int, float, float] | None:
+        """(step, lr, typical lr) of the last update before ``step`` when its LR was ``JUMP`` times the median
+        of the updates before it, else None."""
         earlier = [(s, lr) for s, lr in self.applied if s < step]
         if len(earlier) < 4:
-            return
+            return None
         last_step, last_lr = earlier[-1]
         typical = sorted(lr for _, lr in earlier[:-1])[len(earlier[:-1]) // 2]
-        if typical <= 0 or last_lr < 3.0 * typical:
+        if typical <= 0 or last_lr < JUMP * typical:
+            return None
+        return last_step, last_lr, typical
+
+    def blame(self, step: int, diagnosis: Diagnosis) -> None:
+        """The last update damaged the weights: if its learning rate jumped, that is the story to tell."""
+        found = self.jump(step)
+        if found is None:
             return
+        last_step, last_lr, typical = found
+        diagnosis.cause = "learning_rate_spike"
         diagnosis.phase = "optimizer"
         diagnosis.evidence.insert(0, f"the update at step {last_step} used lr={last_lr:.4g}, {last_lr / typical:.3g}x the "
                                      f"median lr {typical:.4g} of the steps before it: a learning-rate spike")
@@ -127,10 +161,12 @@ class LearningRate:
         diagnosis.confidence = max(diagnosis.confidence, 0.8)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"multiplier": self.multiplier, "applied": list(self.applied)}
+        return {"multiplier": self.multiplier, "applied": list(self.applied), "pinned": self.pinned}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.multiplier = float(state.get("multiplier", 1.0))
+        pinned = state.get("pinned")
+        self.pinned = float(pinned) if pinned is not None else None
         self.applied.clear()
         self.applied.extend((int(s), float(lr)) for s, lr in state.get("applied", []))
 

@@ -32,6 +32,7 @@ class Decision:
     action: Action
     lr_backoff: bool = False
     reason: str = ""
+    before: int | None = None  # roll back to a snapshot from before this step's update
 
     @property
     def rollback(self) -> bool:
@@ -84,6 +85,16 @@ class EscalationPolicy:
             return Decision(Action.ROLLBACK, lr_backoff=back_off, reason="restored the newest good snapshot"
                             + (" and backed off the learning rate" if back_off else ""))
         return Decision(Action.SKIP, reason="the update was not applied")
+
+    def learning_rate_spike(self, update_step: int, *, can_rollback: bool) -> Decision:
+        """The update at ``update_step`` used a spiked learning rate: undo it (the LR is pinned by the caller)."""
+        self.consecutive_bad += 1
+        held = "the learning rate is held at its earlier level while the schedule stays high"
+        if not can_rollback:
+            return Decision(Action.SKIP, reason=f"the update was not applied and {held} (no snapshot to roll back to)")
+        self.rollbacks += 1
+        return Decision(Action.ROLLBACK, before=update_step,
+                        reason=f"restored a snapshot from before the update at step {update_step}; {held}")
 
     def _wants_rollback(self, cause: str, update_applied: bool) -> bool:
         return cause in STATE_CAUSES or update_applied or self.consecutive_bad >= self.config.rollback_after

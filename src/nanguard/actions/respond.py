@@ -3,7 +3,12 @@
 A good step teaches the detector, resets the escalation, may refresh a snapshot and is checked for a
 slow divergence. A bad step is diagnosed (forensics within its budget, or the triage), the policy picks
 the rung of the ladder (skip, roll back, back off the LR, abort), the action is carried out, and the
-event and the history row are recorded. The parts it works with are the guard's, handed over in
+event and the history row are recorded.
+
+A finite spike might be the first step of a new normal level (a task or data switch), so its event is
+held back: when ``rollback_after`` spikes in a row sit on one steady level (see ``_steady``), the shift is accepted with one ``level_shift`` event (action ``none``) and the
+statistics start afresh on the new level; any other outcome writes the held events as they were.
+The parts it works with are the guard's, handed over in
 :class:`Parts`; the step's own data (the verdict and its context) arrive as arguments.
 """
 
@@ -72,10 +77,12 @@ class Responder:
         self.scaler_streak = 0
         self.forced_skips = 0
         self.aborted = False
+        self.held: list[Event] = []  # spike events held back while a level shift may be under way
 
     # ------------------------------------------------------------------ good steps
     def on_good(self, verdict: Verdict, context: StepContext) -> None:
         p = self.parts
+        self.release_held()
         p.detector.learn(verdict, accepted=True)
         if p.policy.consecutive_bad:
             p.policy.on_good_step()
@@ -144,10 +151,25 @@ class Responder:
             suspect, line = p.desk.damaged_by_update(case, funded)
             if line:
                 diagnosis.evidence.append(line)
-            if suspect:
+            if suspect and p.lr.pinned is None:
                 p.lr.blame(verdict.step, diagnosis)
-        decision = p.policy.decide(trigger, diagnosis.cause, can_rollback=p.rollback.can_restore(),
-                                   update_applied=update_applied or suspect)
+        if trigger in ("loss_spike", "grad_spike") and diagnosis.cause in ("loss_spike", "gradient_explosion", "unknown"):
+            self._early_divergence(verdict, trigger, diagnosis)
+        jump = p.lr.jump(verdict.step) if trigger != "divergence" and p.lr.pinned is None else None
+        shift = (jump is None and not update_applied and not suspect and trigger in ("loss_spike", "grad_spike")
+                 and diagnosis.cause not in STATE_CAUSES and verdict.loss is not None and math.isfinite(verdict.loss))
+        if not shift:
+            self.release_held()
+        elif self._steady([*(e.loss for e in self.held), verdict.loss]):
+            self._accept_level_shift(verdict, diagnosis)
+            return
+        if jump is not None:
+            p.lr.blame(verdict.step, diagnosis)
+            decision = p.policy.learning_rate_spike(jump[0], can_rollback=p.rollback.can_restore())
+            p.lr.pin(jump[2])
+        else:
+            decision = p.policy.decide(trigger, diagnosis.cause, can_rollback=p.rollback.can_restore(),
+                                       update_applied=update_applied or suspect)
         if decision.lr_backoff:
             p.lr.back_off()
         if decision.drops_update and not update_applied:
@@ -160,10 +182,72 @@ class Responder:
                       grad_norm=verdict.grad_norm, lr=p.lr.current(), rank=bad_rank if bad_rank is not None else p.rank,
                       details={**details, "reason": decision.reason, "lr_multiplier": p.lr.multiplier})
         self._act(decision, verdict.step, event)
-        self._emit(event)
+        if shift and decision.action is Action.SKIP:
+            self.held.append(event)
+        else:
+            self.release_held()
+            self._emit(event)
         self._row(verdict, decision.action.value, trigger)
         if decision.abort:
             self.abort(event, decision.reason)
+
+    def _early_divergence(self, verdict: Verdict, trigger: str, diagnosis: Diagnosis) -> None:
+        """A spike caught by the early-run rule (the statistics still warming up) is the run diverging from
+        its start, not an odd batch: say so, with the growth measured."""
+        stats = self.parts.detector.loss if trigger == "loss_spike" else self.parts.detector.grad
+        value = verdict.loss if trigger == "loss_spike" else verdict.grad_norm
+        if stats.warm or value is None or stats.first <= 0:
+            return
+        what = "loss" if trigger == "loss_spike" else "gradient norm"
+        diagnosis.cause = "divergence" if trigger == "loss_spike" else "gradient_explosion"
+        diagnosis.phase, diagnosis.confidence = "optimizer", max(diagnosis.confidence, 0.7)
+        base = "its first value" if stats.early_min == 1 else f"the largest of its first {stats.early_min} values"
+        diagnosis.evidence.insert(0, f"the {what} grew from {stats.first:.4g} ({base}) to {value:.4g} by step {verdict.step}, "
+                                     f"{value / stats.first:.3g}x (the early-run limit is {stats.early_ratio:g}x): "
+                                     "the run is diverging from its start")
+        diagnosis.fixes = [f"lower the learning rate (now {self.parts.lr.current()}) or add a warm-up",
+                           "clip gradients (torch.nn.utils.clip_grad_norm_) or use the 'clip' preset", *diagnosis.fixes]
+
+    def _steady(self, losses: list[float | None]) -> bool:
+        """``rollback_after`` positive finite losses on one level (within 4x of each other, the last not 1.5x
+        the first), seen by statistics that had warmed up on the old level, on a run whose smoothed loss was
+        not already climbing: an explosion is not a new normal."""
+        values = [v for v in losses if v is not None and math.isfinite(v) and v > 0]
+        if len(values) < len(losses) or len(values) < self.parts.config.rollback_after:
+            return False
+        calm = not self.parts.divergence.climbing()  # a loss already climbing before the spikes is no new normal
+        return (self.parts.detector.loss.warm and calm and max(values) <= 4.0 * min(values)
+                and values[-1] <= 1.5 * values[0])
+
+    def _accept_level_shift(self, verdict: Verdict, diagnosis: Diagnosis) -> None:
+        """The loss moved to a new steady level: accept it (one event, action none) and re-baseline."""
+        p = self.parts
+        held, self.held = self.held, []
+        first = held[0].step if held else verdict.step
+        before = p.detector.loss.mean
+        diagnosis.cause, diagnosis.phase, diagnosis.confidence = "level_shift", "loss", max(diagnosis.confidence, 0.6)
+        diagnosis.evidence.insert(0, f"the loss moved from about {before:.4g} to {verdict.loss:.4g} at step {first} and "
+                                     f"stayed there, finite and not growing, for {len(held) + 1} steps: accepted as the "
+                                     "new normal level; the spike statistics start afresh on it")
+        p.tally.skipped += 1
+        p.lr.hold_next()
+        p.policy.on_good_step()
+        p.detector.rebaseline()
+        p.divergence.rebaseline()
+        self.streak_start = None
+        steps = [e.step for e in held] + [verdict.step]
+        event = Event(step=first, trigger=held[0].trigger if held else "loss_spike", action=Action.NONE.value,
+                      diagnosis=diagnosis, loss=verdict.loss, grad_norm=verdict.grad_norm, lr=p.lr.current(),
+                      rank=p.rank, details={"reason": f"the updates of steps {steps} were held back while the new "
+                                            "level persisted; training continues on it", "held_steps": steps})
+        self._emit(event)
+        self._row(verdict, Action.SKIP.value, event.trigger)
+
+    def release_held(self) -> None:
+        """Write the spike events held back for a level shift that did not come."""
+        held, self.held = self.held, []
+        for event in held:
+            self._emit(event)
 
     def _case(self, verdict: Verdict, context: StepContext, trigger: str, update_applied: bool,
               state_is_pre_step: bool) -> Case:
@@ -177,7 +261,7 @@ class Responder:
     def _act(self, decision: Decision, step: int, event: Event) -> None:
         p = self.parts
         if decision.rollback:
-            snap = p.rollback.restore(step, self.streak_start)
+            snap = p.rollback.restore(step, self.streak_start, decision.before)
             event.details["rolled_back_to_step"] = snap.step if snap is not None else None
             if snap is not None and "detector" in snap.extra:
                 p.detector.load_state_dict(snap.extra["detector"])

@@ -10,6 +10,12 @@ state of its step, for a resume from it. With ``snapshot_device="cpu"`` (default
 non-blocking copies; ``"same"`` keeps them on the parameters' device (faster to restore, costs device
 memory). The first snapshot is taken at the first step, not at construction: a script that loads a
 checkpoint after creating its optimizer must roll back to the loaded state, not the initial one.
+
+A snapshot is *trusted* once ``TRUST_AFTER`` good steps have run from it: a snapshot taken right after an
+update that ruined the weights while its own loss still looked normal (a learning-rate spike shows in the
+next step's loss) never earns that, so a rollback prefers the newest trusted snapshot, and so does the
+emergency checkpoint. After a rollback the snapshots newer than the restored one describe an abandoned
+timeline and are dropped.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import torch
 from nanguard.config import GuardConfig
 from nanguard.state import SavedState, Subjects, write_checkpoint
 
+TRUST_AFTER = 5
+
 
 class Rollback:
     """Owns the snapshots of one guard."""
@@ -35,6 +43,7 @@ class Rollback:
         self.ring: deque[SavedState] = deque(maxlen=config.snapshot_keep)
         self._failed: set[int] = set()
         self._last_restored: tuple[int, int] | None = None  # (snapshot step, step it was restored at)
+        self._good_after: dict[int, int] = {}  # id(snapshot) -> good steps run from it so far
 
     def __len__(self) -> int:
         return len(self.ring)
@@ -42,14 +51,22 @@ class Rollback:
     def take(self, step: int) -> SavedState:
         where = "same" if self.config.snapshot_device == "same" else "cpu"
         snap = SavedState.capture(self.subjects, step=step, where=where, extra=self.extra())
+        if len(self.ring) == self.ring.maxlen:
+            self._good_after.pop(id(self.ring[0]), None)
         self.ring.append(snap)
+        self._good_after[id(snap)] = 0
         return snap
+
+    def trusted(self, snap: SavedState) -> bool:
+        return self._good_after.get(id(snap), 0) >= TRUST_AFTER
 
     def on_step_start(self, step: int) -> None:
         if self.config.snapshot_every and not self.ring:
             self.take(step)
 
     def on_good_step(self, step: int) -> None:
+        for key in self._good_after:
+            self._good_after[key] += 1
         every = self.config.snapshot_every
         if every and step > 0 and step % every == 0:
             self.take(step + 1)  # the state from just before step ``step + 1``
@@ -59,27 +76,35 @@ class Rollback:
         self.ring.clear()
         self._failed.clear()
         self._last_restored = None
+        self._good_after.clear()
 
     def newest_finite(self, *, at_most: int | None = None, exclude: set[int] | frozenset[int] = frozenset(),
                       weights_only: bool = False) -> SavedState | None:
-        """The newest snapshot whose tensors are all finite. ``at_most``: taken before step ``at_most`` ran."""
-        for snap in reversed(self.ring):
-            step = snap.step if snap.step is not None else -1
-            if (at_most is None or step <= at_most) and step not in exclude and snap.is_finite(weights_only):
-                return snap
+        """The newest snapshot whose tensors are all finite, trusted ones first (see the module docstring).
+        ``at_most``: taken before step ``at_most`` ran."""
+        for trusted_only in (True, False):
+            for snap in reversed(self.ring):
+                step = snap.step if snap.step is not None else -1
+                if trusted_only and not self.trusted(snap):
+                    continue
+                if (at_most is None or step <= at_most) and step not in exclude and snap.is_finite(weights_only):
+                    return snap
         return None
 
     def can_restore(self) -> bool:
         return self.newest_finite(weights_only=True) is not None
 
-    def restore(self, step: int, streak_start: int | None) -> SavedState | None:
+    def restore(self, step: int, streak_start: int | None, before: int | None = None) -> SavedState | None:
         """Restore the newest trustworthy snapshot; returns it (None: nothing to restore).
 
         A snapshot taken right after the update that preceded the trouble may already hold that update's
-        damage (a learning-rate bug leaves finite but ruined weights), so prefer one taken before the streak
-        began; and a snapshot that failed again soon after being restored is not used twice.
+        damage (a learning-rate bug leaves finite but ruined weights), so prefer a trusted one taken before the
+        streak began (``before``: the step of the first bad update, when known); and a snapshot that failed
+        again soon after being restored is not used twice.
         """
         start = streak_start if streak_start is not None else step
+        if before is not None:
+            start = min(start, before + 1)
         recent = self._last_restored
         if recent is not None and step - recent[1] <= max(self.config.snapshot_every, 10):
             self._failed.add(recent[0])
@@ -98,7 +123,19 @@ class Rollback:
             snap.restore(schedule=False)
         for param in self.subjects.params():
             param.grad = None
+        self._drop_newer_than(snap)
         return snap
+
+    def _drop_newer_than(self, snap: SavedState) -> None:
+        if snap.step is None:
+            return
+        kept = [s for s in self.ring if s.step is None or s.step <= snap.step]
+        kept_ids = {id(s) for s in kept}
+        for dropped in self.ring:
+            if id(dropped) not in kept_ids:
+                self._good_after.pop(id(dropped), None)
+        self.ring.clear()
+        self.ring.extend(kept)
 
     def _reset_nonfinite_optimizer_state(self) -> None:
         """Zero optimizer buffers holding NaN/Inf (moments, momentum): as if those parameters started afresh."""

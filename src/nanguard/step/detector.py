@@ -15,7 +15,11 @@ default, as ZClip uses) that
 * call a value a spike only when it is ``z`` robust deviations above the mean *and* ``ratio`` times the
   mean *and* ``peak_ratio`` times a slowly decaying peak of accepted values: the z-score alone fires on
   a plateau's tiny variance, the mean ratio on the heavy tail of small-batch gradient norms; the peak
-  ("far above anything seen lately") keeps a noisy run or a warm-up's fast loss drop quiet.
+  ("far above anything seen lately") keeps a noisy run or a warm-up's fast loss drop quiet;
+* during the warm-up, apply the early-run rule instead: a value ``early_ratio`` times the largest of the
+  first ``early_min`` accepted values is a spike (see :class:`~nanguard.config.SpikeConfig`), so a run that
+  explodes from its first step is not learned as normal. Losses whose first values are not all positive
+  (a contrastive or RL objective) have no early limit: "many-fold" means nothing for them.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ class RunningStats:
     var: float = 0.0
     count: int = 0
     peak: float = 0.0
+    early_min: int = 3
+    early_ratio: float = 0.0  # 0: no early-run rule
+    first: float = 0.0  # the largest of the first ``early_min`` values; <= 0: no early limit
 
     @property
     def warm(self) -> bool:
@@ -55,11 +62,16 @@ class RunningStats:
         return math.sqrt(self.var) + 1e-3 * abs(self.mean) + 1e-12
 
     def spike_limit(self, z: float, ratio: float) -> float:
-        """The value above which ``x`` is a spike (``inf`` while warming up)."""
+        """The value above which ``x`` is a spike (the early-run limit, or ``inf``, while warming up)."""
         if not self.warm:
-            return math.inf
+            return self.early_limit()
         limit = max(self.mean + z * self.std(), self.mean + (ratio - 1.0) * (abs(self.mean) + 1e-12))
         return max(limit, self.peak_ratio * self.peak) if self.peak_ratio > 0 else limit
+
+    def early_limit(self) -> float:
+        if self.early_ratio <= 0 or self.count < self.early_min or self.first <= 0:
+            return math.inf
+        return self.early_ratio * self.first
 
     def is_spike(self, x: float, z: float, ratio: float) -> bool:
         return math.isfinite(x) and x > self.spike_limit(z, ratio)
@@ -76,24 +88,29 @@ class RunningStats:
         delta = clipped - self.mean
         self.mean += (1.0 - a) * delta
         self.var = a * (self.var + (1.0 - a) * delta * delta)
+        if self.count < self.early_min:
+            # A non-positive early value disables the early rule for good (first < 0 stays below 0).
+            self.first = -1.0 if x <= 0 or self.first < 0 else max(self.first, x)
         self.count += 1
         # The peak follows |x| (losses can be negative) and forgets slowly, so old highs stop counting.
         self.peak = max(self.peak * self.peak_decay, abs(x))
 
     def state_dict(self) -> dict[str, float]:
-        return {"mean": self.mean, "var": self.var, "count": self.count, "peak": self.peak}
+        return {"mean": self.mean, "var": self.var, "count": self.count, "peak": self.peak, "first": self.first}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.mean, self.var = float(state["mean"]), float(state["var"])
         self.count, self.peak = int(state["count"]), float(state["peak"])
+        self.first = float(state.get("first", 0.0))
 
     def summary(self) -> dict[str, float]:
         return {"mean": self.mean, "std": self.std(), "count": float(self.count), "peak": self.peak}
 
 
-def _stats(spikes: SpikeConfig) -> RunningStats:
+def _stats(spikes: SpikeConfig, early_ratio: float, peak_decay: float) -> RunningStats:
     return RunningStats(alpha=spikes.ema_alpha, warmup=spikes.warmup_steps, clip_z=spikes.clip_z,
-                        peak_ratio=spikes.peak_ratio, peak_decay=spikes.peak_decay)
+                        peak_ratio=spikes.peak_ratio, peak_decay=peak_decay,
+                        early_min=spikes.early_min_steps, early_ratio=early_ratio)
 
 
 class Detector:
@@ -101,8 +118,8 @@ class Detector:
 
     def __init__(self, config: GuardConfig) -> None:
         self.config = config
-        self.loss = _stats(config.spikes)
-        self.grad = _stats(config.spikes)
+        self.loss = _stats(config.spikes, config.spikes.early_loss_ratio, config.spikes.loss_peak_decay)
+        self.grad = _stats(config.spikes, config.spikes.early_grad_ratio, config.spikes.peak_decay)
         self.loss_history: deque[float] = deque(maxlen=max(HISTORY, config.divergence_window))
         self.grad_history: deque[float] = deque(maxlen=HISTORY)
         # Per batch field: (step, abs-max) of recent batches; a step's own batch is left out when judging it.
@@ -139,6 +156,13 @@ class Detector:
         if not verdict.scaler_overflow:
             self.grad.update(verdict.grad_norm)
         self.grad_history.append(verdict.grad_norm)
+
+    def rebaseline(self) -> None:
+        """Forget the spike statistics (a new normal level was accepted): they warm up again on it."""
+        spikes = self.config.spikes
+        self.loss = _stats(spikes, spikes.early_loss_ratio, spikes.loss_peak_decay)
+        self.grad = _stats(spikes, spikes.early_grad_ratio, spikes.peak_decay)
+        self._limits = None
 
     def note_batch_scale(self, step: int, scales: dict[str, float]) -> None:
         for name, value in scales.items():
