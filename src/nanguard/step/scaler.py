@@ -47,8 +47,18 @@ def last_scaler() -> Any:
     return _LAST[0]() if _LAST else None
 
 
+def _dispatch_modes_off() -> contextlib.AbstractContextManager[Any]:
+    disable = getattr(torch.utils._python_dispatch, "_disable_current_modes", None)
+    return disable() if disable is not None else contextlib.nullcontext()
+
+
 def _make_scale(original: Any) -> Any:
     def scale(self: Any, outputs: Any) -> Any:
+        if isinstance(outputs, torch.Tensor) and getattr(self, "_scale", 0) is None and self.is_enabled():
+            # Create the scale tensor outside any loss recording: a replay must multiply by the scaler's own
+            # tensor (which a replay at loss scale 1 sets to 1), not re-create it at its initial value.
+            with _dispatch_modes_off():
+                self._lazy_init_scale_growth_tracker(outputs.device)
         scaled = original(self, outputs)
         if isinstance(outputs, torch.Tensor) and isinstance(scaled, torch.Tensor):
             BOOK.note_scaled(scaled, outputs)
