@@ -114,6 +114,8 @@ class StallWatch:
         self._find_no_grad(step)
         keys: dict[tuple[int, torch.dtype], list[tuple[torch.Tensor, int]]] = {}
         for index, group in enumerate(self.parts.subjects.optimizer.param_groups):  # type: ignore[union-attr]
+            if group.get("lr") == 0:
+                continue  # no update is asked for (a warm-up's first step, a frozen group): nothing can round away
             for p in group["params"]:
                 g = p.grad
                 if (g is None or p.dtype not in _BITS or g.is_sparse or g.shape != p.shape
