@@ -10,6 +10,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import nanguard
@@ -120,11 +122,15 @@ def test_the_same_run_in_fp32_stays_silent(tmp_path):
     assert events == []
 
 
-def test_half_ulp_matches_torch_spacing():
-    for value in (0.691, 1.0, 3.5, 1e-3):
-        t = torch.tensor(value, dtype=torch.bfloat16)
-        spacing = float(torch.nextafter(t, torch.tensor(math.inf, dtype=torch.bfloat16)) - t)
-        assert half_ulp(float(t), torch.bfloat16) == spacing / 2
+@settings(max_examples=200, deadline=None)
+@given(st.floats(min_value=1e-4, max_value=6e4, allow_nan=False), st.sampled_from([torch.bfloat16, torch.float16]))
+def test_half_ulp_is_half_the_spacing_above_a_representable_weight(value, dtype):
+    t = torch.tensor(value, dtype=dtype)
+    if float(t) == 0 or not math.isfinite(float(t)) or float(t) < torch.finfo(dtype).tiny:
+        return
+    spacing = float(torch.nextafter(t, torch.tensor(math.inf, dtype=dtype)).double() - t.double())
+    assert half_ulp(float(t), dtype) == spacing / 2
+    assert float((t.double() + 0.99 * spacing / 2).to(dtype)) == float(t)  # below half a ULP: rounds away
 
 
 # ---------------------------------------------------------------------------------- learning rate of 0, no grads
@@ -248,3 +254,29 @@ def test_stall_every_zero_turns_the_watch_off(tmp_path):
         opt.zero_grad()
     guard.close()
     assert read_events(tmp_path) == []
+
+
+def test_a_resumed_guard_does_not_report_the_same_misuse_again(tmp_path):
+    first = _scaled_run(tmp_path / "a", "clip", steps=2)
+    assert [e["diagnosis"]["cause"] for e in first] == ["scaled_gradient_misuse"]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu")
+    guard = _guard(model, opt, tmp_path / "b", scaler=scaler)
+    x, y = _regression()
+    for step in range(2):
+        scaler.scale(((model(x) - y) ** 2).mean()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        if step == 0:
+            path = tmp_path / "guard.pt"
+            torch.save(guard.state_dict(), path)
+            guard.close()
+            guard = _guard(model, opt, tmp_path / "c", scaler=scaler)
+            guard.load_state_dict(torch.load(path, weights_only=True))
+    guard.close()
+    assert len(read_events(tmp_path / "b")) == 1
+    assert read_events(tmp_path / "c") == []
