@@ -280,3 +280,25 @@ def test_a_resumed_guard_does_not_report_the_same_misuse_again(tmp_path):
     guard.close()
     assert len(read_events(tmp_path / "b")) == 1
     assert read_events(tmp_path / "c") == []
+
+
+def test_the_fused_device_path_reads_its_samples_where_it_reads_verdicts(tmp_path):
+    """Fused AdamW with verdicts read late (as on a GPU): the bf16 stall is still found, from the read-back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8)
+    model.to(torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-4, fused=True)
+    guard = _guard(model, opt, tmp_path, stall_every=10)
+    guard.pipeline.defer_host_verdict = True
+    x, y = _regression()
+    for _ in range(40):
+        ((model(x.bfloat16()).float() - y) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    guard.close()
+    (event,) = read_events(tmp_path)
+    assert (event["trigger"], event["diagnosis"]["cause"]) == ("stalled", "update_underflow")
+    assert event["step"] in (10, 20)

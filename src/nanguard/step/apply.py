@@ -194,7 +194,7 @@ class StepPipeline:
             and dist_utils.is_distributed()
         if self.readback.pending or self.scales.pending:
             self.process(until=step - 1 if self.device_mode and distributed else None)
-        self.stall.on_step(step, loss)
+        self.stall.on_step(step, loss, read_now=not self.device_mode)
         if self.responder.forced_skips and self.responder.forced_skip(step):
             return closure_loss
         context = StepContext(step, self.parts.detector.limits(), has_loss, calls, inputs.closure, lockstep=distributed)
@@ -293,7 +293,7 @@ class StepPipeline:
             return original(*call[0], **call[1])
         finally:
             lr.restore(saved_lr)
-            self.stall.after_update(probe)
+            self.stall.after_update(probe, read_now=not self.device_mode)
             if verdict.clipped and fused:
                 if base_scale is None:
                     delattr(optimizer, "grad_scale")
@@ -324,7 +324,7 @@ class StepPipeline:
             result = original(*call[0], **call[1])
         finally:
             lr.restore(saved_lr)
-            self.stall.after_update(probe)
+            self.stall.after_update(probe, read_now=not self.device_mode)
             for name in ("grad_scale", "found_inf"):
                 if name in saved:
                     setattr(optimizer, name, saved[name])
@@ -356,6 +356,7 @@ class StepPipeline:
             self.parts.detector.note_batch_scale(scale.step, dict(zip(scale.context, scale.values(), strict=False)))
         for item in self.readback.poll(wait=wait or until is not None, until=until):
             self._act(item.context, item.values(), pre_step=item.step >= self._dispatched)
+        self.stall.poll(wait=wait)
 
     def _act(self, pending: _Pending, values: list[float], pre_step: bool) -> None:
         """Hand a fused step's verdict on. ``pre_step``: no later update has reached the weights since."""
@@ -394,7 +395,7 @@ class StepPipeline:
         scale = self.parts.subjects.scaler.get_scale() if self.parts.subjects.scaler_enabled else None
         context = StepContext(step, self.parts.detector.limits(), has_loss, calls, inputs.closure,
                               lockstep=dist_utils.is_distributed())
-        self.stall.on_step(step, loss)
+        self.stall.on_step(step, loss, read_now=not self.device_mode)
         if bool(rows.amax() > 0):
             verdict = Verdict(step=step, loss=value if has_loss else math.nan, grad_norm=math.nan, loss_bad=True,
                               grad_bad=True, loss_scale=scale)

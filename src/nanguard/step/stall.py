@@ -89,8 +89,9 @@ class StallWatch:
         self._reported_no_grad: set[int] = set()
 
     # ------------------------------------------------------------------ every step
-    def on_step(self, step: int, loss: torch.Tensor | None = None) -> None:
-        """At each ``optimizer.step()`` (also one the GradScaler skipped), before the update."""
+    def on_step(self, step: int, loss: torch.Tensor | None = None, *, read_now: bool = True) -> None:
+        """At each ``optimizer.step()`` (also one the GradScaler skipped), before the update. ``read_now``: the
+        step reads its verdict on the host anyway (not the fused device path, where :meth:`poll` reads)."""
         if self.misuse.found or self.misuse.scaled_backward:
             for found in self.misuse.take():
                 self._report_misuse(step, found, loss)
@@ -99,8 +100,13 @@ class StallWatch:
         self._check_lr(step)
         if self._armed is not None:
             self._confirm_no_grad(step)
-        if self.readback.pending:
+        if read_now and self.readback.pending:
             self._poll()
+
+    def poll(self, wait: bool = False) -> None:
+        """Read the samples that reached the host (the pipeline calls this where it reads its own verdicts)."""
+        if self.readback.pending:
+            self._poll(wait=wait)
 
     def note_backward(self, tensor: torch.Tensor, loss: torch.Tensor | None) -> None:
         """A backward of this guard's loss; ``tensor is not loss``: it was the GradScaler's scaled loss."""
@@ -130,8 +136,9 @@ class StallWatch:
         self._last_probe = step
         return _Probe(step, list(keys), list(keys.values()), before, has_grad)
 
-    def after_update(self, probe: _Probe | None) -> None:
-        """Right after the update: compare, reduce, and send the numbers home (read at once on a CPU)."""
+    def after_update(self, probe: _Probe | None, *, read_now: bool = True) -> None:
+        """Right after the update: compare, reduce, and send the numbers home (read at once on a CPU when
+        ``read_now``: the step syncs anyway)."""
         if probe is None:
             return
         rows = []
@@ -145,7 +152,7 @@ class StallWatch:
             vector = torch.stack([r.to(rows[0].device) for r in rows])
         context = [(group, dtype, len(ps)) for (group, dtype), ps in zip(probe.keys, probe.params, strict=True)]
         self.readback.push(probe.step, vector, context)
-        if vector.device.type == "cpu":
+        if read_now and vector.device.type == "cpu":
             self._poll()
 
     def on_good(self, verdict: Verdict) -> None:
