@@ -36,9 +36,9 @@ def _instrument(stall: Any, on_step: list[float], sample: list[float]) -> None:
     plain_on_step, before, after = stall.on_step, stall.before_update, stall.after_update
     pending = [0.0]
 
-    def timed_on_step(*args: Any) -> None:
+    def timed_on_step(*args: Any, **kwargs: Any) -> None:
         started = time.perf_counter()
-        plain_on_step(*args)
+        plain_on_step(*args, **kwargs)
         on_step.append(time.perf_counter() - started)
 
     def timed_before(step: int) -> Any:
@@ -47,9 +47,9 @@ def _instrument(stall: Any, on_step: list[float], sample: list[float]) -> None:
         pending[0] = time.perf_counter() - started
         return probe
 
-    def timed_after(probe: Any) -> None:
+    def timed_after(probe: Any, **kwargs: Any) -> None:
         started = time.perf_counter()
-        after(probe)
+        after(probe, **kwargs)
         if probe is not None:
             sample.append(pending[0] + time.perf_counter() - started)
 
@@ -78,7 +78,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     settings = overhead.make_settings(overhead.parse_args(["--shape", "small"] + (["--quick"] if args.quick else [])))
-    every = 50
+    every = 5 if args.quick else 50  # --quick: a sample in every block, so every part runs
     rounds = 2 if args.quick else args.rounds
     block = 5 if args.quick else every
     base = overhead.build_model(settings)
