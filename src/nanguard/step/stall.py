@@ -83,6 +83,7 @@ class StallWatch:
         self._reported_underflow = False
         self._peak_grad = 0.0
         self._lr: dict[int, list[Any]] = {}  # group -> [last positive lr, zero since step, reported]
+        self._zero_lr = False  # some group's lr is 0 and not reported yet (the per-step check stays short)
         self._suspects: frozenset[int] = frozenset()  # parameters without a gradient at the last sample
         self._cleared: frozenset[int] = frozenset()  # a suspect set whose modules did not run: not again
         self._armed: tuple[int, set[int], Any] | None = None  # (sample step, modules that ran, hook handle)
@@ -217,13 +218,19 @@ class StallWatch:
                 continue  # a tensor learning rate would need a read from the device
             state = self._lr.get(index)
             if lr > 0:
-                self._lr[index] = [float(lr), None, False]
+                if state is None or state[1] is not None:
+                    self._lr[index] = [float(lr), None, False]
+                else:
+                    state[0] = float(lr)
             elif state is not None and lr == 0 and state[1] is None:
                 state[1] = step
-        due = [i for i, (_, since, done) in self._lr.items()
-               if since is not None and not done and step - since + 1 >= LR_ZERO_STEPS]
-        if due:
-            self._report_lr(step, due)
+                self._zero_lr = True
+        if self._zero_lr:
+            due = [i for i, (_, since, done) in self._lr.items()
+                   if since is not None and not done and step - since + 1 >= LR_ZERO_STEPS]
+            self._zero_lr = any(since is not None and not done for _, since, done in self._lr.values())
+            if due:
+                self._report_lr(step, due)
 
     def _report_lr(self, step: int, due: list[int]) -> None:
         groups = self.parts.subjects.optimizer.param_groups  # type: ignore[union-attr]
@@ -321,6 +328,7 @@ class StallWatch:
         self._peak_grad = float(state.get("peak_grad", 0.0))
         self._lr = {int(k): [float(v[0]), v[1] if v[1] is None else int(v[1]), bool(v[2])]
                     for k, v in state.get("lr", {}).items()}
+        self._zero_lr = any(v[1] is not None and not v[2] for v in self._lr.values())
         self.misuse.reported = set(state.get("misuse_reported", []))
 
 
