@@ -191,15 +191,38 @@ _ENTRIES = (
         damages_state=True,
     ),
     _cause(
-        "scaled_gradient_misuse", "gradients clipped or measured while still multiplied by the loss scale",
+        "scaled_gradient_misuse", "gradients clipped or measured while still multiplied by the GradScaler's scale",
         "driver", "optimizer",
-        "Call `scaler.unscale_(optimizer)` before clipping or measuring gradients, then `scaler.step(optimizer)`.",
+        "Call `scaler.unscale_(optimizer)` after `scaler.scale(loss).backward()` and before `{call}`; keep "
+        "`scaler.step(optimizer)` and `scaler.update()` after it (the step does not unscale twice).",
+        "Log or compare gradient norms only after `scaler.unscale_(optimizer)`: before it they are the loss scale "
+        "({scale}) times the true norm.",
     ),
     _cause(
-        "update_underflow", "updates smaller than the weights' precision round away: training stalls",
+        "update_underflow", "the updates no longer change the weights (they round away below the weights' "
+        "precision, or are zero): training stalls",
         "state", "optimizer",
-        "Keep fp32 master weights (AMP, or an optimizer with fp32 state) instead of bf16/fp16 weights.",
-        "Use Kahan summation or stochastic rounding for low-precision weights; a larger learning rate only as a last resort.",
+        "Keep fp32 master weights: leave the model in float32 and train under `torch.autocast(..., dtype={dtype})` "
+        "instead of casting it to {dtype}, so every update lands on an fp32 copy of the weights.",
+        "If the weights must stay in {dtype}: keep an fp32 copy and the optimizer state in fp32 (a master-weights "
+        "optimizer), or add the update with Kahan summation or stochastic rounding.",
+        "Raise the learning rate only as a last resort: an update below half a {dtype} ULP of a weight (about "
+        "{half_ulp} at |w| = {weight}) rounds away whatever the schedule says.",
+        variants={
+            "lr_zero": (
+                "Fix the learning-rate schedule ({scheduler}) so it stays above 0 while training goes on: a lambda "
+                "that returns 0 from step {since}, integer division in a warm-up or decay, a cosine whose T_max is "
+                "shorter than the run.",
+                "If a group is meant to be frozen, call `requires_grad_(False)` on its parameters or leave them out "
+                "of the optimizer instead of giving it a learning rate of 0.",
+            ),
+            "no_grad": (
+                "{module} runs in forward but no gradient reaches its parameters: remove the `.detach()`, "
+                "`torch.no_grad()` or `.data` that cuts its output off from the loss.",
+                "If they are meant to stay fixed, call `requires_grad_(False)` on them or leave them out of the "
+                "optimizer.",
+            ),
+        },
     ),
     _cause(
         "batchnorm_degenerate", "batch statistics of a single sample or zero variance", "op", "forward",

@@ -111,6 +111,12 @@ class GuardConfig:
     forensics: bool = True
     forensics_max_events: int = 5
     scaler_overflow_patience: int = 20
+    # The stall watch (training that runs on and no longer learns): every ``stall_every`` applied steps it
+    # measures on the device how many weights the update left unchanged, and looks for parameters that get
+    # no gradient; 0 turns it off (with it the learning-rate-0 watch).
+    stall_every: int = 50
+    # Replay a GradScaler skip at loss scale 1: an overflow is silent, a NaN that survives is an event.
+    scaler_replay: bool = True
     history_every: int = 1
     tensorboard: bool = False
     # W&B / MLflow: None logs there only when the process already has an active run; True always; False never.
@@ -147,6 +153,7 @@ class GuardConfig:
         _check(self.sync_mode in ("auto", "sync", "device"), "sync_mode", self.sync_mode, "'auto', 'sync' or 'device'")
         _check(self.forensics_max_events >= 0, "forensics_max_events", self.forensics_max_events, "an integer >= 0")
         _check(self.scaler_overflow_patience >= 1, "scaler_overflow_patience", self.scaler_overflow_patience, "an integer >= 1")
+        _check(self.stall_every >= 0, "stall_every", self.stall_every, "an integer >= 0 (0 = no stall watch)")
         for name in ("wandb", "mlflow"):
             value = getattr(self, name)
             _check(value is None or isinstance(value, bool), name, value, "None (auto), True or False")

@@ -47,6 +47,7 @@ from nanguard.forensics.request import StepCapture
 from nanguard.patches import Lease, Patches
 from nanguard.records import RunRecords, Sink, Tally
 from nanguard.state import RngState, Subjects
+from nanguard.step import misuse as misuse_watch
 from nanguard.step import scaler as scaler_watch
 from nanguard.step.apply import StepPipeline
 from nanguard.step.detector import Detector
@@ -121,6 +122,7 @@ class Guard:
             self._watch(model)
         BOOK.register(pipeline, self.subjects.params())
         self._scaler_leases = scaler_watch.watch(pipeline, optimizer)
+        self._misuse_leases = misuse_watch.watch(pipeline.stall.misuse)
         if scaler is not None:
             self.attach_scaler(scaler)
         if scheduler is not None:
@@ -231,6 +233,9 @@ class Guard:
         BOOK.unregister(self.pipeline)
         scaler_watch.unwatch(self.pipeline, self.optimizer, self._scaler_leases)
         self._scaler_leases = []
+        misuse_watch.unwatch(self.pipeline.stall.misuse, self._misuse_leases)
+        self._misuse_leases = []
+        self.pipeline.stall.close()
         self.lr.release()
         self.pipeline.recorder.take()
 
@@ -259,7 +264,8 @@ class Guard:
     def _stateful(self) -> dict[str, Any]:
         """Every part whose state a resumed run needs back (each has ``state_dict``/``load_state_dict``)."""
         return {"tally": self.tally, "detector": self.detector, "policy": self.policy, "lr": self.lr,
-                "divergence": self.divergence, "forensics": self.desk, "responder": self.responder}
+                "divergence": self.divergence, "forensics": self.desk, "responder": self.responder,
+                "stall": self.pipeline.stall}
 
     def state_dict(self) -> dict[str, Any]:
         """The guard's state, to save next to the model's: statistics, counters, LR multiplier, step count.

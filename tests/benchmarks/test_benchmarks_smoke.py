@@ -78,3 +78,12 @@ def test_scan_speed_runs_on_a_small_array():
     result = _run(str(BENCHMARKS / "scan_speed.py"), "--mb", "4", "--repeat", "1")
     assert result.returncode == 0, result.stderr[-4000:]
     assert "nanguard scan_dataset(a)" in result.stdout
+
+
+def test_stall_cost_quick_times_the_check_and_a_sample():
+    result = _run(str(BENCHMARKS / "stall_cost.py"), "--quick")
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = _table_rows(result.stdout)
+    assert [r[0] for r in rows if r[0] in ("fused", "plain")] == ["fused", "plain"]
+    (timing,) = [r for r in rows if r[0].endswith(" us")]
+    assert "nan" not in " ".join(timing) and timing[3].endswith("% of a step")

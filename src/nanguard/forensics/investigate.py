@@ -23,6 +23,7 @@ from nanguard.forensics import replay as replaying
 from nanguard.forensics.replay import LOW_PRECISION, ReplayOutcome, float32_mode, low_precision_tensors
 from nanguard.forensics.request import InvestigationRequest, StepCapture
 from nanguard.forensics.rules import Facts, diagnose
+from nanguard.forensics.scale import at_unit_scale
 from nanguard.forensics.trace import OpTracer
 from nanguard.state import SavedState, Subjects
 
@@ -134,6 +135,8 @@ class _Replay:
     names: dict[int, str]
 
     def run(self, label: str, instruments: Any = None) -> ReplayOutcome:
+        # Under a GradScaler, replay at loss scale 1: the gradients as they are, not 65,536 times larger.
+        instruments = at_unit_scale(self.request.scaler, instruments)
         return replaying.replay(self.capture, self.state, self.names, label=label, instruments=instruments)
 
 

@@ -39,6 +39,7 @@ from nanguard.step import lockstep
 from nanguard.step.losses import BOOK
 from nanguard.step.norms import all_finite, per_tensor_norms, scale_grads_, total_norm
 from nanguard.step.readback import DeviceReadback, Uploads
+from nanguard.step.stall import StallWatch
 from nanguard.step.verdict import (
     FLOAT32_MAX,
     LOSS,
@@ -98,6 +99,7 @@ class StepPipeline:
         self._fused_optimizer = False  # decided with the mode
         self.defer_host_verdict = False  # tests: read verdicts back late on a CPU, as a CUDA run does
         self.closed = False
+        self.stall = StallWatch(parts)  # training that runs on and no longer learns (issue 15)
 
     # ------------------------------------------------------------------ mode
     @property
@@ -139,6 +141,7 @@ class StepPipeline:
                     mine: bool) -> None:
         if mine:
             self.recorder.on_backward(tensor, gradient, loss)
+            self.stall.note_backward(tensor, loss)
         else:
             self.recorder.stop_recording()
 
@@ -191,6 +194,7 @@ class StepPipeline:
             and dist_utils.is_distributed()
         if self.readback.pending or self.scales.pending:
             self.process(until=step - 1 if self.device_mode and distributed else None)
+        self.stall.on_step(step, loss, read_now=not self.device_mode)
         if self.responder.forced_skips and self.responder.forced_skip(step):
             return closure_loss
         context = StepContext(step, self.parts.detector.limits(), has_loss, calls, inputs.closure, lockstep=distributed)
@@ -260,13 +264,14 @@ class StepPipeline:
             self.responder.on_bad(verdict, context)
             return None
         if verdict.scaler_overflow:
-            self.responder.on_scaler_overflow(verdict)
+            self._scaler_overflow(verdict, context)
             return None
         result = self._apply(verdict, original, call, grads)
         if check and not bool(all_finite(self.parts.subjects.params())):
             self.responder.on_bad(verdict.with_post_weights_bad(), context, update_applied=True)
         else:
             self.responder.on_good(verdict, context)
+            self.stall.on_good(verdict)
         return result
 
     def _apply(self, verdict: Verdict, original: Callable[..., Any], call: tuple[tuple[Any, ...], dict[str, Any]],
@@ -283,10 +288,12 @@ class StepPipeline:
             scale_grads_(grads, verdict.clip_coef)
         lr = self.parts.lr
         saved_lr = lr.apply(verdict.step)
+        probe = self.stall.before_update(verdict.step)
         try:
             return original(*call[0], **call[1])
         finally:
             lr.restore(saved_lr)
+            self.stall.after_update(probe, read_now=not self.device_mode)
             if verdict.clipped and fused:
                 if base_scale is None:
                     delattr(optimizer, "grad_scale")
@@ -312,10 +319,12 @@ class StepPipeline:
             optimizer.grad_scale = scale * base.float() if isinstance(base, torch.Tensor) else scale  # type: ignore[union-attr]
         lr = self.parts.lr
         saved_lr = lr.apply(context.step)
+        probe = self.stall.before_update(context.step)
         try:
             result = original(*call[0], **call[1])
         finally:
             lr.restore(saved_lr)
+            self.stall.after_update(probe, read_now=not self.device_mode)
             for name in ("grad_scale", "found_inf"):
                 if name in saved:
                     setattr(optimizer, name, saved[name])
@@ -347,6 +356,7 @@ class StepPipeline:
             self.parts.detector.note_batch_scale(scale.step, dict(zip(scale.context, scale.values(), strict=False)))
         for item in self.readback.poll(wait=wait or until is not None, until=until):
             self._act(item.context, item.values(), pre_step=item.step >= self._dispatched)
+        self.stall.poll(wait=wait)
 
     def _act(self, pending: _Pending, values: list[float], pre_step: bool) -> None:
         """Hand a fused step's verdict on. ``pre_step``: no later update has reached the weights since."""
@@ -356,9 +366,10 @@ class StepPipeline:
         elif verdict.post_weights_bad:
             self.responder.on_bad(verdict, pending.context, update_applied=True)
         elif verdict.scaler_overflow:
-            self.responder.on_scaler_overflow(verdict)
+            self._scaler_overflow(verdict, pending.context, pre_step=pre_step)
         else:
             self.responder.on_good(verdict, pending.context)
+            self.stall.on_good(verdict)
 
     # ------------------------------------------------------------------ GradScaler
     def on_scaler_step(self, scaler: Any, call: Callable[[], Any]) -> Any:
@@ -384,6 +395,7 @@ class StepPipeline:
         scale = self.parts.subjects.scaler.get_scale() if self.parts.subjects.scaler_enabled else None
         context = StepContext(step, self.parts.detector.limits(), has_loss, calls, inputs.closure,
                               lockstep=dist_utils.is_distributed())
+        self.stall.on_step(step, loss, read_now=not self.device_mode)
         if bool(rows.amax() > 0):
             verdict = Verdict(step=step, loss=value if has_loss else math.nan, grad_norm=math.nan, loss_bad=True,
                               grad_bad=True, loss_scale=scale)
@@ -391,11 +403,21 @@ class StepPipeline:
         else:
             verdict = Verdict(step=step, loss=value if has_loss else None, grad_norm=math.inf, grad_bad=True,
                               scaler_overflow=True, loss_scale=scale)
+            self._scaler_overflow(verdict, context)
+
+    def _scaler_overflow(self, verdict: Verdict, context: StepContext, pre_step: bool = True) -> None:
+        """A GradScaler skip: silent while it is an overflow the scaler outgrows; a bad step when its NaN
+        survives a replay at loss scale 1 (see :class:`~nanguard.step.scaler.ScalerSkips`)."""
+        evidence = self.stall.scaler_skip(context.calls, context.closure, pre_step=pre_step, together=context.lockstep)
+        if evidence:
+            self.responder.on_bad(verdict._replace(scaler_overflow=False, grad_bad=True), context, evidence=evidence)
+        else:
             self.responder.on_scaler_overflow(verdict)
 
     def flush(self) -> None:
         """Read back every outstanding verdict (waits for the device) and act on it."""
         self.process(wait=True)
+        self.stall.flush()
 
 
 __all__ = ["StepInputs", "StepPipeline", "is_fused"]
