@@ -77,7 +77,12 @@ class EscalationPolicy:
                                                  "rollbacks: nothing more to try")
         if wants_rollback or (cfg.on_nonfinite == "rollback" and nonfinite):
             if not can_rollback:
-                return Decision(Action.ABORT, reason="the state is corrupt and no good snapshot exists to roll back to")
+                if cause in STATE_CAUSES or update_applied:
+                    return Decision(Action.ABORT,
+                                    reason="the state is corrupt and no good snapshot exists to roll back to")
+                # Only the streak asked for a rollback; every bad update was skipped, so the weights are intact.
+                return Decision(Action.SKIP, reason="the update was not applied (no snapshot yet to roll back to; "
+                                                    "the weights were not touched by the skipped steps)")
             self.rollbacks += 1
             # Corrupted state (an inf written into a weight, a NaN in Adam's moments) says nothing about the
             # learning rate the first time; a repeat, or any other cause, does.
