@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import types
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -159,7 +160,7 @@ class NanguardCallback(_CallbackBase, _Exportable):
 def _calling_trainer(callback: NanguardCallback, depth: int = 8) -> Any:
     """The ``Trainer`` whose ``train()`` is calling us: the callback needs its ``accelerator`` to read the
     gradient norm *before* the Trainer clips it (``accelerator.clip_grad_norm_`` computes it anyway)."""
-    frame = sys._getframe(1)
+    frame: types.FrameType | None = sys._getframe(1)
     for _ in range(depth):
         if frame is None:
             return None
