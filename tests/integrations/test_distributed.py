@@ -126,3 +126,20 @@ def test_a_crash_on_rank1_is_recorded_by_rank1_with_its_diagnosis(tmp_path: Path
     assert not rank0_events.exists() or read_events(tmp_path / "out") == []  # no secondary "peer closed" event
     if (tmp_path / "out" / "summary.json").exists():
         assert json.loads((tmp_path / "out" / "summary.json").read_text())["status"] != "finished"
+
+
+def test_lightning_ddp_strategy_on_two_cpu_processes(tmp_path: Path) -> None:
+    """Issue 17 item 5: Lightning ``strategy="ddp"``: one event with rank 1's diagnosis, identical weights."""
+    pytest.importorskip("lightning.pytorch")
+    script = Path(__file__).resolve().parent / "lightning_ddp_train.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+               "--out", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
+                          start_new_session=True, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    weights = [torch.load(tmp_path / f"weights{r}.pt") for r in range(2)]
+    assert_identical(weights)
+    events = read_events(tmp_path / "nanguard")
+    assert [(e["step"], e["rank"], e["trigger"], e["action"]) for e in events] == [(5, 1, "nonfinite_loss", "skip")]
+    assert events[0]["diagnosis"]["cause"] == "input_nonfinite"

@@ -224,3 +224,16 @@ def test_resumed_trainer_numbers_events_with_its_global_step(tmp_path: Path) -> 
     assert [(e["step"], e["trigger"]) for e in events] == [(BAD_STEP, "nonfinite_loss")]
     rows = (tmp_path / "ng" / "history.csv").read_text().splitlines()[1:]
     assert int(rows[0].split(",")[0]) == 5
+
+
+def test_nan_in_the_middle_micro_batch_of_three_is_skipped_as_one_step(tmp_path: Path) -> None:
+    """Issue 17 item 5: gradient accumulation 3, the NaN in the 2nd micro-batch of optimizer step 3."""
+    model = tiny_gpt2()
+    bad_item = (3 * 3 + 1) * BATCH + 2  # micro-batch 10 = step 3, micro-batch 1 of 0..2
+    trainer = make_trainer(tmp_path, model, bad_item=bad_item, gradient_accumulation_steps=3, max_steps=6)
+    trainer.add_callback(NanguardCallback(out_dir=tmp_path / "ng", console=False, report=False))
+    trainer.train()
+    events = read_events(tmp_path / "ng")
+    assert [(e["step"], e["trigger"], e["action"]) for e in events] == [(3, "nonfinite_loss", "skip")]
+    assert events[0]["diagnosis"]["cause"] == "input_nonfinite"
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())

@@ -296,3 +296,30 @@ def test_resume_from_a_checkpoint_without_guard_state_counts_from_global_step(tm
     assert event["step"] == 4 + BAD_STEP
     rows = (tmp_path / "pl" / "nanguard" / "history.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == list(range(4, STEPS))
+
+
+def test_bf16_mixed_precision_skips_the_nan_step(tmp_path: Path) -> None:
+    """Issue 17 item 5: ``precision="bf16-mixed"``: the right event, and the healthy steps as without nanguard."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from nanguard.integrations.lightning import NanguardCallback
+
+    module = make_module(pl)
+    fit(tmp_path, pl, NanguardCallback(console=False, report=False), module, precision="bf16-mixed")
+    events = read_events(tmp_path / "pl" / "nanguard")
+    assert [(e["step"], e["trigger"], e["action"]) for e in events] == [(BAD_STEP, "nonfinite_loss", "skip")]
+    assert events[0]["diagnosis"]["cause"] == "input_nonfinite"
+    assert all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
+def test_healthy_bf16_fit_is_bit_identical_to_the_fit_without_nanguard(tmp_path: Path) -> None:
+    pl = pytest.importorskip("lightning.pytorch")
+    from nanguard.integrations.lightning import NanguardCallback
+
+    plain, guarded = make_module(pl), make_module(pl)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, precision="bf16-mixed",
+                         default_root_dir=str(tmp_path / "plain"))
+    trainer.fit(plain, torch.utils.data.DataLoader(dataset(None), batch_size=BATCH))
+    fit(tmp_path, pl, NanguardCallback(console=False, report=False), guarded, bad_step=None, precision="bf16-mixed")
+    for a, b in zip(plain.parameters(), guarded.parameters(), strict=True):
+        assert torch.equal(a, b)
