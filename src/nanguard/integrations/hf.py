@@ -9,8 +9,11 @@
 A ``TrainerCallback`` can observe but not skip a step, so the callback does its work through the guard:
 
 * ``on_train_begin`` runs after ``train()`` created the optimizer and ``accelerator.prepare`` wrapped it:
-  the guard wraps ``step`` of the ``torch.optim.Optimizer`` inside the ``AcceleratedOptimizer``, so
-  gradients are checked after clipping and before ``zero_grad``, and a bad step is skipped for real;
+  the guard wraps ``step`` of the ``torch.optim.Optimizer`` inside the ``AcceleratedOptimizer``, so a bad
+  step is skipped for real; its gradient norm is the one ``accelerator.clip_grad_norm_`` computed *before*
+  the Trainer clipped (reused, and nothing more is clipped), and its step numbers are ``global_step``'s;
+* a step that raises is recorded as an ``exception`` event: by ``guard_trainer``'s wrapper of ``train()``, or,
+  for a bare callback, by the ``sys.excepthook`` an integration guard holds while open;
 * a skipped step sets Accelerate's ``step_was_skipped``, so the Trainer does not advance the LR
   scheduler for it (``accelerator.optimizer_step_was_skipped``);
 * the loss reaches the guard through ``loss.backward()`` (summed over gradient-accumulation micro-batches);

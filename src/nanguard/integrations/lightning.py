@@ -24,6 +24,7 @@ How it fits Lightning:
   guard sees the step (a closure can hold collectives, or do nothing at all), and the replay uses the
   recorded ``LightningModule.forward`` call instead;
 * step-interval LR schedulers are held on skipped steps; epoch-interval ones are left alone;
+* a raise in ``training_step`` reaches ``on_exception``: the first guard writes the ``exception`` event;
 * records go to ``<default_root_dir>/nanguard`` unless ``out_dir`` is given; only rank 0 writes;
 * the guards' state (statistics, counters, LR multiplier, step count) is part of the callback's
   ``state_dict``, so Lightning saves it in every checkpoint and ``trainer.fit(ckpt_path=...)`` brings it back.
