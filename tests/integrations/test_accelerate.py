@@ -212,3 +212,34 @@ def test_accelerate_clip_grad_norm_is_not_doubled_and_healthy_run_is_bit_identic
     assert min(norms) > 0.5  # every step was clipped by the script
     assert [float(r["grad_norm"]) for r in history(tmp_path / "run")] == pytest.approx(norms, rel=1e-5)
     assert not (tmp_path / "run" / "events.jsonl").exists() or read_events(tmp_path / "run") == []
+
+
+class TinyClassifier(nn.Module):
+    """``model(input_ids=..., labels=...)`` as a transformers sequence classifier is called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(16, 8), nn.Linear(8, 2)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.head(self.embed(input_ids).mean(1)), labels)
+
+
+def test_a_label_out_of_range_is_named_labels_not_input_ids(tmp_path: Path) -> None:
+    """Regression (real-code accel_ga): the bad label value 5 also occurs among the token ids, and the
+    diagnosis named ``input_ids`` as the field holding it."""
+    accelerator = accelerate.Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    model_p, optimizer_p = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(IndexError), guard_accelerator(accelerator, model_p, optimizer_p, out_dir=tmp_path / "run",
+                                                      console=False, report=False):
+        for step in range(3):
+            input_ids = torch.arange(12).reshape(3, 4)  # holds 5
+            labels = torch.tensor([0, 5 if step == 2 else 1, 1])
+            accelerator.backward(model_p(input_ids=input_ids, labels=labels))
+            optimizer_p.step()
+            optimizer_p.zero_grad()
+    (event,) = read_events(tmp_path / "run")
+    assert (event["step"], event["trigger"], event["diagnosis"]["cause"]) == (2, "exception", "label_out_of_range")
+    assert event["diagnosis"]["tensor"] == "labels"
