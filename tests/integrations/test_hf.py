@@ -198,10 +198,10 @@ def test_grad_norm_is_read_before_the_trainers_clipping_and_nothing_more_is_clip
     """Regression: the callback recorded the norm after clipping (1.0 where the Trainer logged 4.5), so growth
     was invisible; it now takes the pre-clip norm ``accelerator.clip_grad_norm_`` computed, and the weights are
     bit-identical to the same run without nanguard."""
-    plain = make_trainer(tmp_path / "plain", tiny_gpt2(), None, max_grad_norm=0.05)
+    plain = make_trainer(tmp_path / "plain", tiny_gpt2(), None, max_grad_norm=0.05, max_steps=6)
     plain.train()
     model = tiny_gpt2()
-    guarded = make_trainer(tmp_path, model, None, max_grad_norm=0.05)
+    guarded = make_trainer(tmp_path, model, None, max_grad_norm=0.05, max_steps=6)
     guarded.add_callback(NanguardCallback(console=False, report=False, history_every=1))
     guarded.train()
     logged = [h["grad_norm"] for h in guarded.state.log_history if "grad_norm" in h]
@@ -217,7 +217,7 @@ def test_resumed_trainer_numbers_events_with_its_global_step(tmp_path: Path) -> 
     """Regression (issue 17 item 3): after ``resume_from_checkpoint`` the guard counted from 0."""
     first = make_trainer(tmp_path, tiny_gpt2(), None, save_strategy="steps", save_steps=5, max_steps=5)
     first.train()
-    resumed = make_trainer(tmp_path, tiny_gpt2(), bad_item=BAD_STEP * BATCH + 1)
+    resumed = make_trainer(tmp_path, tiny_gpt2(), bad_item=BAD_STEP * BATCH + 1, max_steps=BAD_STEP + 2)
     resumed.add_callback(NanguardCallback(out_dir=tmp_path / "ng", console=False, report=False))
     resumed.train(resume_from_checkpoint=str(tmp_path / "hf" / "checkpoint-5"))
     events = read_events(tmp_path / "ng")
