@@ -243,3 +243,44 @@ def test_a_label_out_of_range_is_named_labels_not_input_ids(tmp_path: Path) -> N
     (event,) = read_events(tmp_path / "run")
     assert (event["step"], event["trigger"], event["diagnosis"]["cause"]) == (2, "exception", "label_out_of_range")
     assert event["diagnosis"]["tensor"] == "labels"
+
+
+UNCLOSED = """
+import sys, torch, accelerate, torch.nn.functional as F
+from nanguard.integrations.accelerate import guard_accelerator
+accelerator = accelerate.Accelerator(cpu=True)
+torch.manual_seed(0)
+model = torch.nn.Linear(8, 4)
+model_p, optimizer_p = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+guard = guard_accelerator(accelerator, model_p, optimizer_p, out_dir=sys.argv[1], console=False, report=False)
+for step in range(4):
+    x = torch.randn(8, 8)
+    y = x[:, :4].argmax(1) + (10 if step == int(sys.argv[2]) else 0)
+    accelerator.backward(F.cross_entropy(model_p(x), y))
+    optimizer_p.step()
+    optimizer_p.zero_grad()
+"""
+
+
+@pytest.mark.parametrize("crash_step", [2, -1], ids=["uncaught-raise", "no-close-at-all"])
+def test_a_guard_nobody_closes_still_writes_its_records(tmp_path: Path, crash_step: int) -> None:
+    """The interpreter itself: an uncaught raise goes through nanguard's ``sys.excepthook`` (event, then the
+    user's traceback and exit status 1); a script that never calls ``close()`` gets its summary at exit."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(repo / "src"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", UNCLOSED, str(tmp_path / "run"), str(crash_step)], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    if crash_step < 0:
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert summary["status"] == "finished" and summary["steps"] == 4
+        return
+    assert done.returncode == 1 and "IndexError" in done.stderr  # the user's traceback, unchanged
+    (event,) = read_events(tmp_path / "run")
+    assert (event["step"], event["trigger"], event["diagnosis"]["cause"]) == (2, "exception", "label_out_of_range")
+    assert summary["status"] == "error"
