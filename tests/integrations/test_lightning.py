@@ -241,10 +241,10 @@ def test_gan_with_two_optimizers_blames_only_the_discriminator(tmp_path: Path) -
     assert all(bool(torch.isfinite(p).all()) for p in module.parameters())
 
 
-@pytest.mark.xfail(strict=True, reason="forensics: a NaN entering through a tensor that never passed the LightningModule's "
-                   "forward is an unnamed 'constant' input birth, and rules/ops.py then builds Diagnosis(phase='input'), "
-                   "which raises; owned by the forensics issue")
 def test_gan_discriminator_nan_is_diagnosed_as_input(tmp_path: Path) -> None:
+    """Regression (issue 17 item 1): the real images go straight into the discriminator, never through the
+    LightningModule's forward, so the NaN entered as an unnamed tensor and every diagnosis raised
+    ``Diagnosis.phase='input' is not one of ...``."""
     pl = pytest.importorskip("lightning.pytorch")
     from nanguard.integrations.lightning import NanguardCallback
 
@@ -253,7 +253,8 @@ def test_gan_discriminator_nan_is_diagnosed_as_input(tmp_path: Path) -> None:
                          callbacks=[NanguardCallback(console=False, report=False)])
     trainer.fit(make_gan(pl), torch.utils.data.DataLoader(dataset(BAD_STEP), batch_size=BATCH))
     (event,) = read_events(tmp_path / "pl" / "nanguard" / "optimizer1")
-    assert event["diagnosis"]["cause"] == "input_nonfinite"
+    assert (event["diagnosis"]["cause"], event["diagnosis"]["phase"]) == ("input_nonfinite", "data")
+    assert not any("diagnosis failed" in line for line in event["diagnosis"]["evidence"])
 
 
 def test_a_crash_in_training_step_is_recorded_as_an_exception_event(tmp_path: Path) -> None:
