@@ -35,39 +35,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from nanguard import distributed as dist_utils
 from nanguard._optional import require
 from nanguard.errors import UsageError
-from nanguard.forensics.capture import ForwardCall, replayable
 from nanguard.integrations._guard import IntegrationGuard, inner_optimizer, run_closure_outside
-from nanguard.state import RngState
-
-
-class _TrainingBatch(torch.nn.Module):
-    """Stands for ``training_step(batch)`` among a guard's recorded calls, so the batch's tensors have names."""
-
-    def forward(self, batch: Any) -> Any:
-        return batch
-
-
-def name_the_batch(guard: IntegrationGuard, current: list[Any]) -> None:
-    """With manual optimization a step's data may never pass the LightningModule's ``forward`` (a GAN feeds its
-    real images straight to the discriminator), so a NaN in it would have no name and no check. When a step's
-    recorded calls cannot replay it, the batch Lightning handed to ``training_step`` (``current[0]``) joins
-    them as ``batch[i]`` / its keys, for the data checks. A replayable step is left as it was."""
-    recorder = guard.pipeline.recorder
-    original = recorder.take
-    stand_in = _TrainingBatch()
-
-    def take() -> list[ForwardCall]:
-        calls = original()
-        if current and current[0] is not None and not replayable(calls):
-            calls.append(ForwardCall(stand_in, (current[0],), {}, RngState.capture(full=False), None))
-        return calls
-
-    guard.patch(recorder, "take", take)
 
 
 class _GuardCallbackLogic:
@@ -80,7 +51,6 @@ class _GuardCallbackLogic:
         self.guards: list[IntegrationGuard] = []
         self._restored: list[dict[str, Any]] | None = None
         self._final: list[dict[str, Any]] = []  # the guards' states when fit ended (a checkpoint saved after fit)
-        self._batch: list[Any] = [None]  # the batch of the current training_step (manual optimization only)
 
     @property
     def guard(self) -> IntegrationGuard | None:
@@ -104,8 +74,6 @@ class _GuardCallbackLogic:
                     guard.attach_scheduler(config.scheduler)
             if closure_outside:
                 run_closure_outside(guard)
-            if not getattr(pl_module, "automatic_optimization", True):
-                name_the_batch(guard, self._batch)
             self.guards.append(guard)
         self._apply_restored()
 
@@ -125,12 +93,6 @@ class _GuardCallbackLogic:
         for guard, state in zip(self.guards, self._restored, strict=False):
             guard.load_state_dict(state)
         self._restored = None
-
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self._batch[0] = batch
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._batch[0] = None
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """Lightning has restored ``global_step`` by now: a single guard without saved state counts from it."""
