@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import sys
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from nanguard.config import GuardConfig
+    from nanguard.events import Event
 
 
 def is_distributed() -> bool:
@@ -104,3 +111,47 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
         seen += 1
     return model
+
+
+# ---------------------------------------------------------------------- a crash on one rank
+_PEER_GONE = re.compile(
+    r"connection (closed|reset) by peer|broken pipe|NCCL communicator was aborted|"
+    r"(socket|connection) (timeout|closed)|remote process exited|Timed out waiting", re.IGNORECASE)
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """The error a rank gets in a collective when *another* rank died (gloo: "Connection closed by peer").
+
+    It is the consequence, not the fault: the rank that raised first writes the diagnosis.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    backend_error = getattr(torch.distributed, "DistBackendError", ())
+    return isinstance(exc, backend_error) or (isinstance(exc, RuntimeError) and bool(_PEER_GONE.search(str(exc))))
+
+
+def rank_out_dir(out_dir: str | os.PathLike[str], rank_: int) -> Path:
+    """Where a rank other than 0 writes its own crash record: ``<out_dir>/rank<N>``."""
+    return Path(out_dir) / f"rank{rank_}"
+
+
+def write_rank_crash(out_dir: str | os.PathLike[str], config: GuardConfig, event: Event,
+                     summary: dict[str, Any]) -> Path:
+    """Write a crash event that a non-writing rank diagnosed, in a records directory of its own.
+
+    Only rank 0 writes the run's records, but the rank that raised is the one that holds the failing
+    batch and the diagnosis; the job is going down, so this rank writes ``events.jsonl``, the summary and
+    the report under ``<out_dir>/rank<N>`` itself (nobody else writes there).
+    """
+    import dataclasses
+
+    from nanguard.records import RunRecords
+
+    where = rank_out_dir(out_dir, event.rank)
+    quiet = dataclasses.replace(config, console=False, tensorboard=False, wandb=False, mlflow=False)
+    records = RunRecords(where, quiet, writer=True)
+    records.on_event(event)
+    records.close({**summary, "status": "error", "rank": event.rank})
+    print(f"nanguard: rank {event.rank} raised {event.details.get('exception', '')}; "
+          f"its diagnosis is in {where / 'events.jsonl'}", file=sys.stderr)
+    return where

@@ -24,6 +24,7 @@ The guard's own state (statistics, counters, LR multiplier, step count) travels 
 
 from __future__ import annotations
 
+import sys
 import types
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -204,12 +205,23 @@ class Guard:
         the batch and the error, and write an ``exception`` event (action ``abort``). The caller re-raises."""
         if isinstance(exc, (KeyboardInterrupt, TrainingAborted)) or self._closed:
             return None
-        return self.responder.on_exception(self.tally.steps, exc, self.pipeline.recorder.take())
+        if dist_utils.is_peer_failure(exc):  # another rank died first: that rank writes the diagnosis
+            warnings.warn(f"nanguard: rank {self.rank} stopped because another rank failed ({type(exc).__name__}); "
+                          f"the failing rank's diagnosis is under {self.out_dir}", stacklevel=2)
+            return None
+        event = self.responder.on_exception(self.tally.steps, exc, self.pipeline.recorder.take())
+        if not self.records.writer:  # only rank 0 writes the run's records: this rank writes its own crash
+            dist_utils.write_rank_crash(self.out_dir, self.config, event, self.summary())
+        return event
 
     def close(self, status: str = "finished") -> None:
         """Finish: act on outstanding verdicts, undo every patch, write the summary and the report."""
         if self._closed:
             return
+        propagating = sys.exc_info()[1]  # close() in a ``finally:`` while the training loop raises
+        if status == "finished" and isinstance(propagating, Exception) and not isinstance(propagating, TrainingAborted):
+            self.record_crash(propagating)
+            status = "error"
         if not self.responder.aborted:
             try:
                 self.flush()

@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--bad-steps", default="5")
     parser.add_argument("--bad-rank", type=int, default=1)
+    parser.add_argument("--crash-step", type=int, default=-1, help="a label out of range on the bad rank: IndexError")
     parser.add_argument("--out", default="")
     parser.add_argument("--results", required=True)
     args = parser.parse_args()
@@ -59,20 +60,24 @@ def main() -> None:
         guard = IntegrationGuard(wrapped if args.guard_wrapper else model, optimizer, replay_wrappers=[wrapped], **options)
 
     gen = torch.Generator().manual_seed(100 + rank)
-    reference_norms = []
-    for step in range(args.steps):
-        x = torch.randn(16, 8, generator=gen)
-        y = x[:, :4].argmax(1)
-        if step in bad_steps and rank == args.bad_rank:
-            x[2, 1] = float("nan")
-        loss = F.cross_entropy(wrapped(x), y)
-        loss.backward()
-        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-        reference_norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
-        optimizer.step()
-        optimizer.zero_grad()
-    if guard is not None:
-        guard.close()
+    reference_norms: list[float] = []
+    try:
+        for step in range(args.steps):
+            x = torch.randn(16, 8, generator=gen)
+            y = x[:, :4].argmax(1)
+            if step in bad_steps and rank == args.bad_rank:
+                x[2, 1] = float("nan")
+            if step == args.crash_step and rank == args.bad_rank:
+                y[3] = 40  # only 4 classes: the loss raises IndexError on this rank alone
+            loss = F.cross_entropy(wrapped(x), y)
+            loss.backward()
+            norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            reference_norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
+            optimizer.step()
+            optimizer.zero_grad()
+    finally:  # the style the issue reports: ``try/finally close()``, no ``with``
+        if guard is not None:
+            guard.close()
 
     # Parameters only: BatchNorm running statistics legitimately differ per rank after the last forward.
     state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in model.named_parameters()}

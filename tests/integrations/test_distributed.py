@@ -26,6 +26,16 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 def torchrun(tmp_path: Path, *args: str, module_run: bool = False) -> tuple[list[dict], list[dict[str, torch.Tensor]]]:
     """Run ``ddp_train.py`` on 2 ranks; return each rank's record and final parameters."""
+    returncode, stderr = launch(tmp_path, *args, module_run=module_run)
+    assert returncode == 0, stderr[-4000:]
+    results = tmp_path / "results"
+    records = [json.loads((results / f"rank{r}.json").read_text()) for r in range(2)]
+    weights = [torch.load(results / f"weights{r}.pt") for r in range(2)]
+    return records, weights
+
+
+def launch(tmp_path: Path, *args: str, module_run: bool = False) -> tuple[int, str]:
+    """Launch ``ddp_train.py`` on 2 ranks under torchrun; its exit status and stderr."""
     results = tmp_path / "results"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     if module_run:
@@ -43,10 +53,7 @@ def torchrun(tmp_path: Path, *args: str, module_run: bool = False) -> tuple[list
         os.killpg(process.pid, signal.SIGKILL)
         _, stderr = process.communicate()
         pytest.fail(f"the 2-rank job did not finish in {TIMEOUT_S}s (deadlock?)\n{stderr[-3000:]}")
-    assert process.returncode == 0, stderr[-4000:]
-    records = [json.loads((results / f"rank{r}.json").read_text()) for r in range(2)]
-    weights = [torch.load(results / f"weights{r}.pt") for r in range(2)]
-    return records, weights
+    return process.returncode, stderr
 
 
 def assert_identical(weights: list[dict[str, torch.Tensor]]) -> None:
@@ -102,3 +109,37 @@ def test_fsdp2_sharded_gradient_norm_and_lockstep_skip(tmp_path: Path) -> None:
     for step, value in norms.items():
         if step != 3:  # the guard's norm over local shards equals the norm of the whole gradient
             assert float(value) == pytest.approx(reference[step], rel=1e-5)
+
+
+@pytest.mark.parametrize("module_run", [True, False], ids=["nanguard-run", "guard-try-finally"])
+def test_a_crash_on_rank1_is_recorded_by_rank1_with_its_diagnosis(tmp_path: Path, module_run: bool) -> None:
+    """Regression (issue 17 item 2): only rank 0 wrote, ``nonfinite_loss / unknown, rank 0`` from the secondary
+    "Connection closed by peer"; with ``try/finally close()`` rank 0 even said every step was finite."""
+    returncode, stderr = launch(tmp_path, "--mode", "run" if module_run else "guard", "--crash-step", "4",
+                                "--bad-steps", "", module_run=module_run)
+    assert returncode != 0 and "IndexError" in stderr
+    (event,) = read_events(tmp_path / "out" / "rank1")
+    assert (event["step"], event["rank"], event["trigger"], event["action"]) == (4, 1, "exception", "abort")
+    assert event["diagnosis"]["cause"] == "label_out_of_range"
+    assert json.loads((tmp_path / "out" / "rank1" / "summary.json").read_text())["status"] == "error"
+    rank0_events = tmp_path / "out" / "events.jsonl"
+    assert not rank0_events.exists() or read_events(tmp_path / "out") == []  # no secondary "peer closed" event
+    if (tmp_path / "out" / "summary.json").exists():
+        assert json.loads((tmp_path / "out" / "summary.json").read_text())["status"] != "finished"
+
+
+def test_lightning_ddp_strategy_on_two_cpu_processes(tmp_path: Path) -> None:
+    """Issue 17 item 5: Lightning ``strategy="ddp"``: one event with rank 1's diagnosis, identical weights."""
+    pytest.importorskip("lightning.pytorch")
+    script = Path(__file__).resolve().parent / "lightning_ddp_train.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+               "--out", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
+                          start_new_session=True, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    weights = [torch.load(tmp_path / f"weights{r}.pt") for r in range(2)]
+    assert_identical(weights)
+    events = read_events(tmp_path / "nanguard")
+    assert [(e["step"], e["rank"], e["trigger"], e["action"]) for e in events] == [(5, 1, "nonfinite_loss", "skip")]
+    assert events[0]["diagnosis"]["cause"] == "input_nonfinite"

@@ -42,10 +42,10 @@ def tiny_gpt2() -> torch.nn.Module:
 
 
 def make_trainer(tmp_path: Path, model: torch.nn.Module, bad_item: int | None, **args) -> transformers.Trainer:
-    arguments = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "hf"), max_steps=STEPS, per_device_train_batch_size=BATCH, report_to=[], use_cpu=True,
-        logging_steps=1, save_strategy="no", disable_tqdm=True, learning_rate=1e-3, max_grad_norm=0.0, **args,
-    )
+    options = {"output_dir": str(tmp_path / "hf"), "max_steps": STEPS, "per_device_train_batch_size": BATCH,
+               "report_to": [], "use_cpu": True, "logging_steps": 1, "save_strategy": "no", "disable_tqdm": True,
+               "learning_rate": 1e-3, "max_grad_norm": 0.0}
+    arguments = transformers.TrainingArguments(**{**options, **args})
     return transformers.Trainer(model=model, args=arguments, train_dataset=Tokens(STEPS * BATCH * 2, bad_item))
 
 
@@ -144,3 +144,96 @@ def test_guard_state_is_exported_with_trainer_checkpoints_and_restored(tmp_path:
     resumed.train()
     rows = (tmp_path / "ng" / "history.csv").read_text().splitlines()[1:]
     assert int(rows[0].split(",")[0]) == 5  # the rebuilt guard counted on from the exported step
+
+
+class BadLabel(Tokens):
+    """Tokens whose item ``bad_item`` has a label past the vocabulary: the loss raises ``IndexError``."""
+
+    def __iter__(self):
+        for i, item in enumerate(super().__iter__()):
+            if i == self.bad_label:
+                item["labels"][2] = 640
+            yield item
+
+
+def _label_trainer(tmp_path: Path, **args) -> transformers.Trainer:
+    trainer = make_trainer(tmp_path, tiny_gpt2(), None, **args)
+    trainer.train_dataset = BadLabel(STEPS * BATCH * 2)
+    trainer.train_dataset.bad_label = BAD_STEP * BATCH + 1
+    return trainer
+
+
+def test_guard_trainer_records_a_label_out_of_range_crash_as_an_exception_event(tmp_path: Path) -> None:
+    """Regression (issue 13 item 9): the crash left ``status: error`` and no event."""
+    trainer = _label_trainer(tmp_path)
+    guard_trainer(trainer, console=False, report=False)
+    with pytest.raises(IndexError):
+        trainer.train()
+    (event,) = read_events(tmp_path / "hf" / "nanguard")
+    assert (event["step"], event["trigger"], event["action"]) == (BAD_STEP, "exception", "abort")
+    assert event["diagnosis"]["cause"] == "label_out_of_range"
+    summary = __import__("json").loads((tmp_path / "hf" / "nanguard" / "summary.json").read_text())
+    assert summary["status"] == "error"
+
+
+def test_callback_alone_records_an_uncaught_crash_through_the_excepthook(tmp_path: Path) -> None:
+    """Regression (issue 13 item 9): ``Trainer(callbacks=[NanguardCallback()])`` has no exception hook of its own;
+    the uncaught exception reaches ``sys.excepthook``, which writes the event before the traceback."""
+    import sys
+
+    trainer = _label_trainer(tmp_path)
+    trainer.add_callback(NanguardCallback(console=False, report=False))
+    try:
+        trainer.train()
+    except IndexError as exc:
+        sys.excepthook(type(exc), exc, exc.__traceback__)  # what the interpreter does with an uncaught error
+    else:
+        pytest.fail("the bad label did not raise")
+    (event,) = read_events(tmp_path / "hf" / "nanguard")
+    assert (event["step"], event["trigger"], event["diagnosis"]["cause"]) == (BAD_STEP, "exception", "label_out_of_range")
+    assert sys.excepthook is sys.__excepthook__ or "nanguard" not in repr(sys.excepthook)
+
+
+def test_grad_norm_is_read_before_the_trainers_clipping_and_nothing_more_is_clipped(tmp_path: Path) -> None:
+    """Regression: the callback recorded the norm after clipping (1.0 where the Trainer logged 4.5), so growth
+    was invisible; it now takes the pre-clip norm ``accelerator.clip_grad_norm_`` computed, and the weights are
+    bit-identical to the same run without nanguard."""
+    plain = make_trainer(tmp_path / "plain", tiny_gpt2(), None, max_grad_norm=0.05, max_steps=6)
+    plain.train()
+    model = tiny_gpt2()
+    guarded = make_trainer(tmp_path, model, None, max_grad_norm=0.05, max_steps=6)
+    guarded.add_callback(NanguardCallback(console=False, report=False, history_every=1))
+    guarded.train()
+    logged = [h["grad_norm"] for h in guarded.state.log_history if "grad_norm" in h]
+    rows = (tmp_path / "hf" / "nanguard" / "history.csv").read_text().splitlines()[1:]
+    recorded = [float(r.split(",")[3]) for r in rows]
+    assert min(logged) > 0.05  # every step was clipped by the Trainer
+    assert recorded == pytest.approx(logged, rel=1e-5)
+    for a, b in zip(plain.model.state_dict().values(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_resumed_trainer_numbers_events_with_its_global_step(tmp_path: Path) -> None:
+    """Regression (issue 17 item 3): after ``resume_from_checkpoint`` the guard counted from 0."""
+    first = make_trainer(tmp_path, tiny_gpt2(), None, save_strategy="steps", save_steps=5, max_steps=5)
+    first.train()
+    resumed = make_trainer(tmp_path, tiny_gpt2(), bad_item=BAD_STEP * BATCH + 1, max_steps=BAD_STEP + 2)
+    resumed.add_callback(NanguardCallback(out_dir=tmp_path / "ng", console=False, report=False))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "hf" / "checkpoint-5"))
+    events = read_events(tmp_path / "ng")
+    assert [(e["step"], e["trigger"]) for e in events] == [(BAD_STEP, "nonfinite_loss")]
+    rows = (tmp_path / "ng" / "history.csv").read_text().splitlines()[1:]
+    assert int(rows[0].split(",")[0]) == 5
+
+
+def test_nan_in_the_middle_micro_batch_of_three_is_skipped_as_one_step(tmp_path: Path) -> None:
+    """Issue 17 item 5: gradient accumulation 3, the NaN in the 2nd micro-batch of optimizer step 3."""
+    model = tiny_gpt2()
+    bad_item = (3 * 3 + 1) * BATCH + 2  # micro-batch 10 = step 3, micro-batch 1 of 0..2
+    trainer = make_trainer(tmp_path, model, bad_item=bad_item, gradient_accumulation_steps=3, max_steps=6)
+    trainer.add_callback(NanguardCallback(out_dir=tmp_path / "ng", console=False, report=False))
+    trainer.train()
+    events = read_events(tmp_path / "ng")
+    assert [(e["step"], e["trigger"], e["action"]) for e in events] == [(3, "nonfinite_loss", "skip")]
+    assert events[0]["diagnosis"]["cause"] == "input_nonfinite"
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())

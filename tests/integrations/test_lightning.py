@@ -63,12 +63,13 @@ def plain_loop_events(tmp_path: Path, pl: object) -> list[dict]:
     return read_events(tmp_path / "plain")
 
 
-def fit(tmp_path: Path, pl: object, callback: object, module: object, **trainer_args: object) -> object:
+def fit(tmp_path: Path, pl: object, callback: object, module: object, ckpt_path: str | None = None,
+        bad_step: int | None = BAD_STEP, **trainer_args: object) -> object:
     trainer = pl.Trainer(  # type: ignore[attr-defined]
         accelerator="cpu", devices=1, max_steps=STEPS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=str(tmp_path / "pl"), callbacks=[callback], **trainer_args,
     )
-    trainer.fit(module, torch.utils.data.DataLoader(dataset(BAD_STEP), batch_size=BATCH))
+    trainer.fit(module, torch.utils.data.DataLoader(dataset(bad_step), batch_size=BATCH), ckpt_path=ckpt_path)
     return trainer
 
 
@@ -179,3 +180,147 @@ def test_guard_state_travels_in_the_lightning_checkpoint(tmp_path: Path) -> None
     resumed.fit(make_module(pl), torch.utils.data.DataLoader(dataset(None), batch_size=BATCH), ckpt_path=str(checkpoint))
     rows = (tmp_path / "second" / "history.csv").read_text().splitlines()[1:]
     assert [int(row.split(",")[0]) for row in rows] == list(range(10, STEPS))  # the guard counted on from 10
+
+
+def make_gan(pl: object) -> object:
+    """Lightning's GAN template in miniature: manual optimization, generator then discriminator each batch."""
+
+    class GAN(pl.LightningModule):  # type: ignore[name-defined,misc]
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.automatic_optimization = False
+            self.generator = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
+            self.discriminator = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return self.generator(z)
+
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            imgs, _ = batch
+            opt_g, opt_d = self.optimizers()
+            z = torch.randn(imgs.shape[0], 4)
+            ones, zeros = torch.ones(imgs.shape[0], 1), torch.zeros(imgs.shape[0], 1)
+            g_loss = F.binary_cross_entropy_with_logits(self.discriminator(self(z)), ones)
+            opt_g.zero_grad()
+            self.manual_backward(g_loss)
+            opt_g.step()
+            real = F.binary_cross_entropy_with_logits(self.discriminator(imgs), ones)
+            fake = F.binary_cross_entropy_with_logits(self.discriminator(self(z).detach()), zeros)
+            d_loss = (real + fake) / 2
+            opt_d.zero_grad()
+            self.manual_backward(d_loss)
+            opt_d.step()
+
+        def configure_optimizers(self):  # type: ignore[no-untyped-def]
+            return [torch.optim.Adam(self.generator.parameters(), lr=1e-3),
+                    torch.optim.Adam(self.discriminator.parameters(), lr=1e-3)]
+
+    return GAN()
+
+
+def test_gan_with_two_optimizers_blames_only_the_discriminator(tmp_path: Path) -> None:
+    """Regression (issue 17 item 1): the discriminator's NaN made the generator skip its healthy later steps,
+    each guard's loss was g_loss + d_loss, and every diagnosis failed."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from nanguard.integrations.lightning import NanguardCallback
+
+    module = make_gan(pl)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path / "pl"),
+                         callbacks=[NanguardCallback(console=False, report=False, history_every=1)])
+    trainer.fit(module, torch.utils.data.DataLoader(dataset(BAD_STEP), batch_size=BATCH))
+    generator, discriminator = tmp_path / "pl" / "nanguard" / "optimizer0", tmp_path / "pl" / "nanguard" / "optimizer1"
+    assert not (generator / "events.jsonl").exists() or read_events(generator) == []
+    (event,) = read_events(discriminator)
+    assert (event["step"], event["trigger"], event["action"]) == (BAD_STEP, "nonfinite_loss", "skip")
+    g_rows = [r.split(",") for r in (generator / "history.csv").read_text().splitlines()[1:]]
+    assert [r[7] for r in g_rows] == ["none"] * STEPS  # the generator's steps all went through
+    d_rows = [r.split(",") for r in (discriminator / "history.csv").read_text().splitlines()[1:]]
+    assert [int(r[0]) for r in d_rows if r[7] != "none"] == [BAD_STEP]
+    assert all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
+def test_gan_discriminator_nan_is_diagnosed_as_input(tmp_path: Path) -> None:
+    """Regression (issue 17 item 1): the real images go straight into the discriminator, never through the
+    LightningModule's forward, so the NaN entered as an unnamed tensor and every diagnosis raised
+    ``Diagnosis.phase='input' is not one of ...``."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from nanguard.integrations.lightning import NanguardCallback
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path / "pl"),
+                         callbacks=[NanguardCallback(console=False, report=False)])
+    trainer.fit(make_gan(pl), torch.utils.data.DataLoader(dataset(BAD_STEP), batch_size=BATCH))
+    (event,) = read_events(tmp_path / "pl" / "nanguard" / "optimizer1")
+    assert (event["diagnosis"]["cause"], event["diagnosis"]["phase"]) == ("input_nonfinite", "data")
+    assert not any("diagnosis failed" in line for line in event["diagnosis"]["evidence"])
+
+
+def test_a_crash_in_training_step_is_recorded_as_an_exception_event(tmp_path: Path) -> None:
+    """Regression (issue 17 item 4): on_exception closed the guard without recording what raised."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from nanguard.integrations.lightning import NanguardCallback
+
+    class BadLabel(make_module(pl).__class__):  # type: ignore[misc]
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            x, y = batch
+            if batch_idx == BAD_STEP:
+                y = y.clone()
+                y[2] = 40  # past the 4 classes: cross_entropy raises IndexError
+            return F.cross_entropy(self(x), y)
+
+    with pytest.raises(IndexError):
+        fit(tmp_path, pl, NanguardCallback(console=False, report=False), BadLabel(), bad_step=None)
+    (event,) = read_events(tmp_path / "pl" / "nanguard")
+    assert (event["step"], event["trigger"], event["action"]) == (BAD_STEP, "exception", "abort")
+    assert event["diagnosis"]["cause"] == "label_out_of_range"
+    summary = __import__("json").loads((tmp_path / "pl" / "nanguard" / "summary.json").read_text())
+    assert summary["status"] == "error"
+
+
+def test_resume_from_a_checkpoint_without_guard_state_counts_from_global_step(tmp_path: Path) -> None:
+    """Regression (issue 17 item 3): a checkpoint saved without the callback restarted the guard's count at 0."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from nanguard.integrations.lightning import NanguardCallback
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=4, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path / "pl"), enable_checkpointing=False)
+    trainer.fit(make_module(pl), torch.utils.data.DataLoader(dataset(None), batch_size=BATCH))
+    trainer.save_checkpoint(tmp_path / "plain.ckpt")
+    callback = NanguardCallback(console=False, report=False, history_every=1)
+    resumed = fit(tmp_path, pl, callback, make_module(pl), ckpt_path=str(tmp_path / "plain.ckpt"))
+    assert resumed.global_step == STEPS
+    (event,) = read_events(tmp_path / "pl" / "nanguard")
+    # Lightning restarts the (non-resumable) loader, so the NaN batch is consumed at global_step 4 + 6 = 10;
+    # the guard alone would have called it its step 6.
+    assert event["step"] == 4 + BAD_STEP
+    rows = (tmp_path / "pl" / "nanguard" / "history.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(4, STEPS))
+
+
+def test_bf16_mixed_precision_skips_the_nan_step(tmp_path: Path) -> None:
+    """Issue 17 item 5: ``precision="bf16-mixed"``: the right event, and the healthy steps as without nanguard."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from nanguard.integrations.lightning import NanguardCallback
+
+    module = make_module(pl)
+    fit(tmp_path, pl, NanguardCallback(console=False, report=False), module, precision="bf16-mixed")
+    events = read_events(tmp_path / "pl" / "nanguard")
+    assert [(e["step"], e["trigger"], e["action"]) for e in events] == [(BAD_STEP, "nonfinite_loss", "skip")]
+    assert events[0]["diagnosis"]["cause"] == "input_nonfinite"
+    assert all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
+def test_healthy_bf16_fit_is_bit_identical_to_the_fit_without_nanguard(tmp_path: Path) -> None:
+    pl = pytest.importorskip("lightning.pytorch")
+    from nanguard.integrations.lightning import NanguardCallback
+
+    plain, guarded = make_module(pl), make_module(pl)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, precision="bf16-mixed",
+                         default_root_dir=str(tmp_path / "plain"))
+    trainer.fit(plain, torch.utils.data.DataLoader(dataset(None), batch_size=BATCH))
+    fit(tmp_path, pl, NanguardCallback(console=False, report=False), guarded, bad_step=None, precision="bf16-mixed")
+    for a, b in zip(plain.parameters(), guarded.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -228,6 +228,8 @@ def _label_findings(request: InvestigationRequest, batch: dict[str, Any], facts:
     if exc["kind"] in ("target_out_of_bounds", "class_out_of_range"):
         value = exc.get("value")
         fields = checks.fields_containing(batch, value) if value is not None else []
+        # The value can also sit in other fields (token ids): a field named like a target comes first.
+        fields.sort(key=lambda name: not any(w in name.lower() for w in ("label", "target")))
         facts.labels.append(
             {
                 "field": fields[0] if fields else None,

@@ -3,15 +3,19 @@
 ::
 
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    guard = guard_accelerator(accelerator, model, optimizer, scheduler=scheduler)
-    for batch in loader:
-        with accelerator.accumulate(model):
-            loss = model(**batch).loss
-            accelerator.backward(loss)        # the guard sees the loss here
-            optimizer.step()                   # checked, and skipped if bad
-            scheduler.step()                   # held on skipped steps
-            optimizer.zero_grad()
-    guard.close()
+    with guard_accelerator(accelerator, model, optimizer, scheduler=scheduler) as guard:
+        accelerator.register_for_checkpointing(guard)   # its state in save_state / load_state
+        for batch in loader:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)        # the guard sees the loss here
+                optimizer.step()                   # checked, and skipped if bad
+                scheduler.step()                   # held on skipped steps
+                optimizer.zero_grad()
+
+A crash in the loop is recorded (trigger ``exception``) in this style and in the others: ``try/finally
+guard.close()``, or ``guard = guard_accelerator(...)`` with no ``close()`` (the integration guard holds
+``sys.excepthook`` and closes at exit).
 
 How it fits Accelerate:
 

@@ -9,8 +9,11 @@
 A ``TrainerCallback`` can observe but not skip a step, so the callback does its work through the guard:
 
 * ``on_train_begin`` runs after ``train()`` created the optimizer and ``accelerator.prepare`` wrapped it:
-  the guard wraps ``step`` of the ``torch.optim.Optimizer`` inside the ``AcceleratedOptimizer``, so
-  gradients are checked after clipping and before ``zero_grad``, and a bad step is skipped for real;
+  the guard wraps ``step`` of the ``torch.optim.Optimizer`` inside the ``AcceleratedOptimizer``, so a bad
+  step is skipped for real; its gradient norm is the one ``accelerator.clip_grad_norm_`` computed *before*
+  the Trainer clipped (reused, and nothing more is clipped), and its step numbers are ``global_step``'s;
+* a step that raises is recorded as an ``exception`` event: by ``guard_trainer``'s wrapper of ``train()``, or,
+  for a bare callback, by the ``sys.excepthook`` an integration guard holds while open;
 * a skipped step sets Accelerate's ``step_was_skipped``, so the Trainer does not advance the LR
   scheduler for it (``accelerator.optimizer_step_was_skipped``);
 * the loss reaches the guard through ``loss.backward()`` (summed over gradient-accumulation micro-batches);
@@ -26,6 +29,8 @@ A ``TrainerCallback`` can observe but not skip a step, so the callback does its 
 from __future__ import annotations
 
 import functools
+import sys
+import types
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,7 +69,11 @@ class NanguardCallback(_CallbackBase, _Exportable):
     # -- Trainer events ------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                        lr_scheduler: Any = None, **kwargs: Any) -> None:
+        if self.trainer is None:
+            self.trainer = _calling_trainer(self)
         self._bind(args, model, optimizer, lr_scheduler)
+        if self.guard is not None and state is not None:
+            self.guard.align_step(int(getattr(state, "global_step", 0) or 0))
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                               lr_scheduler: Any = None, **kwargs: Any) -> None:
@@ -151,6 +160,21 @@ class NanguardCallback(_CallbackBase, _Exportable):
             guard.close(status=status)
 
 
+def _calling_trainer(callback: NanguardCallback, depth: int = 8) -> Any:
+    """The ``Trainer`` whose ``train()`` is calling us: the callback needs its ``accelerator`` to read the
+    gradient norm *before* the Trainer clips it (``accelerator.clip_grad_norm_`` computes it anyway)."""
+    frame: types.FrameType | None = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        handler = getattr(owner, "callback_handler", None)
+        if owner is not None and callback in getattr(handler, "callbacks", ()):
+            return owner
+        frame = frame.f_back
+    return None
+
+
 def guard_trainer(trainer: Any, *, out_dir: str | Path | None = None, **guard_kwargs: Any) -> NanguardCallback:
     """Guard every step of ``trainer`` (one line, before ``trainer.train()``). Returns the callback;
     its ``guard`` attribute is the live :class:`~nanguard.Guard` during training.
@@ -172,7 +196,9 @@ def guard_trainer(trainer: Any, *, out_dir: str | Path | None = None, **guard_kw
     def guarded_train(*args: Any, **kwargs: Any) -> Any:
         try:
             return train(*args, **kwargs)
-        except BaseException:
+        except BaseException as exc:
+            if callback.guard is not None:
+                callback.guard.record_crash(exc)  # trigger ``exception``, as ``nanguard run`` writes it
             callback.close(status="error")
             raise
 

@@ -24,6 +24,7 @@ How it fits Lightning:
   guard sees the step (a closure can hold collectives, or do nothing at all), and the replay uses the
   recorded ``LightningModule.forward`` call instead;
 * step-interval LR schedulers are held on skipped steps; epoch-interval ones are left alone;
+* a raise in ``training_step`` reaches ``on_exception``: the first guard writes the ``exception`` event;
 * records go to ``<default_root_dir>/nanguard`` unless ``out_dir`` is given; only rank 0 writes;
 * the guards' state (statistics, counters, LR multiplier, step count) is part of the callback's
   ``state_dict``, so Lightning saves it in every checkpoint and ``trainer.fit(ckpt_path=...)`` brings it back.
@@ -93,10 +94,18 @@ class _GuardCallbackLogic:
             guard.load_state_dict(state)
         self._restored = None
 
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """Lightning has restored ``global_step`` by now: a single guard without saved state counts from it."""
+        if len(self.guards) == 1:
+            self.guards[0].align_step(int(getattr(trainer, "global_step", 0) or 0))
+
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self.close()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        """``training_step`` (or the data) raised: the first guard writes the ``exception`` event, then all close."""
+        if self.guards:
+            self.guards[0].record_crash(exception)
         self.close(status="error")
 
     def close(self, status: str = "finished") -> None:

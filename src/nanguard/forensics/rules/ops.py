@@ -195,6 +195,13 @@ def _born_in_inputs(f: Facts, trace: _Trace) -> Diagnosis | None:
     if source.startswith("batch field "):
         return make("input_nonfinite", "data", confidence=0.9, evidence=trace.evidence,
                     tensor=source.split(" ", 2)[2], module=birth.module, reproducible=True)
+    if source == "constant" and not birth.intended:
+        # Neither a parameter, a buffer nor a recorded batch field, yet non-finite before any op of the step
+        # made it: data fed straight to a sub-module (a GAN's real images into its discriminator).
+        trace.evidence.insert(1, "the tensor has no name nanguard could find: it did not pass through the "
+                                 "watched model's forward as an argument")
+        return make("input_nonfinite", "data", confidence=0.6, evidence=trace.evidence, module=birth.module,
+                    reproducible=True)
     return None
 
 
