@@ -63,6 +63,11 @@ def investigate(request: InvestigationRequest) -> Investigation:
             phase="unknown",
             evidence=[f"diagnosis failed: {type(exc).__name__}: {exc}"[:300], *facts.failures[:3]],
         )
+    capture = request.capture
+    if capture is not None and capture.eager and facts.replay is not None:
+        diagnosis.evidence.append("the model is torch.compile'd: the replay ran its original module (`_orig_mod`) "
+                                  "eagerly, so the operators above are the eager ones")
+        details["replay_mode"] = "eager"
     details["checks"] = _check_table(facts)
     details["failures"] = facts.failures
     details["seconds"] = round(time.perf_counter() - start, 4)

@@ -1,0 +1,123 @@
+"""Patterns of training code as practitioners write it (issue 11), each run under a Guard in plain PyTorch.
+
+Each test reproduces one way 0.1's forensics went wrong on real scripts: an input outlier pushing a fragile
+op past its domain was blamed on the data and the birth dropped; after five events the budget ran out and
+every later event of the same fault was ``unknown``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import nanguard
+from tests.conftest import load_schema, read_events
+
+
+def _mlp(outputs: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, outputs))
+
+
+def test_outlier_into_handwritten_bce_log_is_the_log_with_the_outlier_contributing(tmp_path):
+    model = _mlp(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = nanguard.Guard(model, opt, out_dir=tmp_path, console=False, report=False)
+    for step in range(32):
+        x = torch.randn(16, 8)
+        y = (x[:, 0] > 0).float()
+        if step == 30:
+            x[7] = 1e4  # one row far out of range saturates the sigmoid: log(1 - 1) = -inf
+        p = torch.sigmoid(model(x).squeeze(-1))
+        loss = -(y * torch.log(p) + (1 - y) * torch.log(1 - p)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    guard.close()
+    events = read_events(tmp_path)
+    assert [e["step"] for e in events] == [30]
+    d = events[0]["diagnosis"]
+    assert (d["cause"], d["phase"], d["op"]) == ("invalid_math_domain", "loss", "aten::log")
+    assert [c["cause"] for c in d["contributing"]] == ["input_extreme_scale"]
+    assert d["contributing"][0]["tensor"] == "x"
+    assert "log" in d["fixes"][0]  # the op's fix leads; the outlier's follows
+    assert any("Normalise batch field `x`" in fix for fix in d["fixes"][1:])
+
+
+def _log_of_zero_run(tmp_path, steps: int, **config) -> list[dict]:
+    """A loss ``-log(p[:, 2])`` whose class-2 probability is zeroed on every other step from step 4."""
+    model = _mlp(4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = nanguard.Guard(model, opt, out_dir=tmp_path, console=False, report=False, **config)
+    for step in range(steps):
+        x = torch.randn(16, 8)
+        if step == steps - 1:
+            x[3, 1] = float("nan")  # a different fault at the end: a new signature, investigated
+        p = torch.softmax(model(x), -1)
+        if step >= 4 and step % 2 == 0:
+            p = p * (torch.arange(4) != 2)
+        loss = -torch.log(p[:, 2]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    guard.close()
+    return read_events(tmp_path)
+
+
+def test_36_repeated_log_of_zero_events_all_carry_the_investigated_diagnosis(tmp_path):
+    events = _log_of_zero_run(tmp_path, steps=4 + 72 + 1, forensics_max_events=2)
+    repeated, last = events[:-1], events[-1]
+    assert len(repeated) == 36
+    causes = {(e["diagnosis"]["cause"], e["diagnosis"]["op"]) for e in repeated}
+    assert causes == {("invalid_math_domain", "aten::log")}
+    assert repeated[0]["diagnosis"]["same_as_step"] is None
+    assert {e["diagnosis"]["same_as_step"] for e in repeated[1:]} == {4}
+    assert "was not replayed" in repeated[1]["diagnosis"]["evidence"][0]
+    assert repeated[1]["diagnosis"]["reproducible"] is None  # nothing was re-run at that step
+    # Only the new signature spent the rest of the budget: the NaN input is investigated, not carried.
+    assert (last["diagnosis"]["cause"], last["diagnosis"]["tensor"]) == ("input_nonfinite", "x")
+    assert last["diagnosis"]["same_as_step"] is None
+    assert last["diagnosis"]["module"] == "0"  # the replay found its first user: only a replay knows that
+    import jsonschema
+
+    for event in events:
+        jsonschema.validate(event, load_schema())
+
+
+class _Attention(nn.Module):
+    """One attention layer whose key mask can leave a row with nothing to attend to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 16)
+        self.qkv = nn.Linear(16, 48)
+        self.head = nn.Linear(16, 11)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(self.emb(ids)).chunk(3, dim=-1)
+        scores = (q @ k.transpose(-1, -2) / 4).masked_fill(~mask[:, None, :], float("-inf"))
+        return self.head(torch.softmax(scores, dim=-1) @ v)
+
+
+def test_compiled_model_is_replayed_eagerly_through_orig_mod(tmp_path):
+    """0.1 saw no call of the watched module under torch.compile: a confident ``input_nonfinite`` on 'self'."""
+    model = _Attention()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    guard = nanguard.Guard(model, opt, out_dir=tmp_path, console=False, report=False)
+    compiled = torch.compile(model, backend="eager")  # the OptimizedModule path, without inductor's compile time
+    for step in range(6):
+        ids = torch.randint(0, 11, (4, 6))
+        mask = torch.ones(4, 6, dtype=torch.bool)
+        if step == 5:
+            mask[2] = False
+        loss = nn.functional.cross_entropy(compiled(ids, mask).reshape(-1, 11), ids.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    guard.close()
+    events = read_events(tmp_path)
+    assert [e["step"] for e in events] == [5]
+    d = events[0]["diagnosis"]
+    assert (d["cause"], d["phase"], d["op"], d["tensor"]) == ("masked_softmax_all_masked", "forward",
+                                                              "aten::_softmax", "mask")
+    assert any("ran its original module (`_orig_mod`) eagerly" in line for line in d["evidence"])
+    assert events[0]["details"]["replay_mode"] == "eager"
