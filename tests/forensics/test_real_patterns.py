@@ -121,3 +121,77 @@ def test_compiled_model_is_replayed_eagerly_through_orig_mod(tmp_path):
                                                               "aten::_softmax", "mask")
     assert any("ran its original module (`_orig_mod`) eagerly" in line for line in d["evidence"])
     assert events[0]["details"]["replay_mode"] == "eager"
+
+
+def test_two_roots_gru_and_head_replay_a_masked_mean_over_an_all_padding_batch(tmp_path):
+    """0.1 replayed nothing when the optimizer held two root modules (and named the GRU's output as batch data)."""
+    rnn, head = nn.GRU(4, 8, batch_first=True), nn.Linear(8, 1)
+    opt = torch.optim.Adam(list(rnn.parameters()) + list(head.parameters()), lr=1e-3)
+    guard = nanguard.Guard([rnn, head], opt, out_dir=tmp_path, console=False, report=False)
+    for step in range(8):
+        x, lengths = torch.rand(6, 5, 4), torch.randint(1, 6, (6,))
+        if step == 7:
+            lengths[:] = 0  # every sequence is padding: the masked mean is 0/0
+        mask = (torch.arange(5)[None] < lengths[:, None]).float()
+        out, _ = rnn(x)
+        loss = ((head(out).squeeze(-1) - 1) ** 2 * mask).sum() / mask.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    guard.close()
+    events = read_events(tmp_path)
+    assert [e["step"] for e in events] == [7]
+    d = events[0]["diagnosis"]
+    assert (d["cause"], d["phase"], d["op"]) == ("invalid_math_domain", "loss", "aten::div")
+    assert "clamp_min(1)" in d["fixes"][0]
+    assert not any("micro1" in line for line in d["evidence"])  # the GRU's output is not a batch field
+
+
+def test_three_calls_per_step_kl_div_with_zeros_in_a_target_that_requires_grad(tmp_path):
+    """Consistency training: model(weak), model(strong), model(x) in one loss; NaN born in kl_div's backward."""
+    model = _mlp(4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = nanguard.Guard(model, opt, out_dir=tmp_path, console=False, report=False)
+    for step in range(8):
+        x = torch.randn(8, 8)
+        weak, strong = x + 0.1 * torch.randn_like(x), x + 0.5 * torch.randn_like(x)
+        target = torch.softmax(model(weak), -1)
+        if step == 7:
+            target = target * (torch.arange(4) != 1)  # exact zeros in a target that requires grad
+        log_probs = torch.log_softmax(model(strong), -1)
+        loss = torch.nn.functional.cross_entropy(model(x), torch.randint(0, 4, (8,)))
+        loss = loss + torch.nn.functional.kl_div(log_probs, target, reduction="batchmean")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    guard.close()
+    events = read_events(tmp_path)
+    assert [e["step"] for e in events] == [7]
+    d = events[0]["diagnosis"]
+    assert (d["cause"], d["phase"], d["op"]) == ("backward_singularity", "backward", "aten::xlogy")
+    assert "target" in d["fixes"][0] and "detach" in d["fixes"][0]
+
+
+def test_eigh_with_repeated_eigenvalues_is_born_in_its_backward(tmp_path):
+    """0.1 said "born at constant [input] ... discarded by torch.where", op null: the forward is finite."""
+    model = nn.Linear(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = nanguard.Guard(model, opt, out_dir=tmp_path, console=False, report=False)
+    for step in range(7):
+        x = torch.randn(16, 4)
+        h = model(x)
+        if step == 6:
+            h = h * 0 + torch.nn.functional.pad(torch.randn(16, 1), (0, 3))  # rank one: eigenvalue 0 three times
+        eigenvalues, eigenvectors = torch.linalg.eigh(h.T @ h / 16)
+        loss = eigenvectors[:, -1].abs().sum() + 0.01 * eigenvalues.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    guard.close()
+    events = read_events(tmp_path)
+    assert [e["step"] for e in events] == [6]
+    d = events[0]["diagnosis"]
+    assert (d["cause"], d["phase"]) == ("backward_singularity", "backward")
+    assert d["op"] in ("aten::linalg_eigh", "aten::_linalg_eigh")
+    assert "repeated eigenvalues" in d["fixes"][0]
+    assert not any("torch.where" in line for line in d["evidence"])

@@ -89,6 +89,10 @@ SINGULAR_BACKWARD_OPS = frozenset(
         "var_mean",
         "cdist",
         "_cdist_forward",
+        "linalg_eigh",
+        "_linalg_eigh",
+        "xlogy",
+        "_cdist_forward",
         "_pdist_forward",
         "atan2",
         "hypot",
@@ -207,6 +211,14 @@ SINGULAR_FIXES = {
     "aten::acos": "clamp the input to [-1 + eps, 1 - eps]; the derivative is infinite at +-1.",
     "aten::asin": "clamp the input to [-1 + eps, 1 - eps]; the derivative is infinite at +-1.",
     "aten::div": "the derivative of a/b is infinite where b = 0; clamp the denominator.",
+    "aten::xlogy": "the target of `kl_div` / `xlogy` holds exact zeros and requires grad (d/dy y*log(y) is "
+    "infinite at 0): detach the target (`target.detach()`) or clamp it with `clamp_min(eps)`.",
+    "aten::linalg_eigh": "the matrix has repeated eigenvalues, where eigh's gradient divides by their "
+    "difference (0); add a small jitter (`A + eps * torch.eye(n)`) or avoid differentiating the eigenvectors.",
+    "aten::_linalg_eigh": "the matrix has repeated eigenvalues, where eigh's gradient divides by their "
+    "difference (0); add a small jitter (`A + eps * torch.eye(n)`) or avoid differentiating the eigenvectors.",
+    "aten::_cdist_forward": "cdist's gradient divides by the distance, 0 between identical points; use "
+    "`torch.sqrt(((a[:, None] - b[None]) ** 2).sum(-1) + eps)`.",
 }
 
 

@@ -353,6 +353,16 @@ class OpTracer:
     def _external_birth(self, t: torch.Tensor, flags: _Flags, user: tuple[str, _Context] | None) -> Birth:
         """A tensor that entered the step already non-finite: a parameter, a batch field or a constant."""
         source = self.name_of(t) or "constant"
+        ctx = user[1] if user is not None else None
+        if source == "constant" and ctx is not None and ctx.phase == "backward":
+            # Made inside a composite backward formula by work the tracer cannot see (a fill of a view, C++
+            # internals of LinalgEighBackward0): born in that backward, attributed to its forward op.
+            assert user is not None
+            birth = Birth(index=len(self.births), kind="nan" if flags.nan else "inf", phase="backward",
+                          op=user[0], module=ctx.module, forward_op=ctx.forward_op, backward_node=ctx.backward_node,
+                          dtype=dtype_name(t.dtype), outputs=[summarize(t)], extra={"made_inside_backward": True})
+            self._add_birth(birth)
+            return birth
         birth = Birth(
             index=len(self.births),
             kind="nan" if flags.nan else "inf",
