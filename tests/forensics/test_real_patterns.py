@@ -195,3 +195,37 @@ def test_eigh_with_repeated_eigenvalues_is_born_in_its_backward(tmp_path):
     assert d["op"] in ("aten::linalg_eigh", "aten::_linalg_eigh")
     assert "repeated eigenvalues" in d["fixes"][0]
     assert not any("torch.where" in line for line in d["evidence"])
+
+
+class _LogSoftmaxByHand(nn.Module):
+    """``log(softmax(x))`` written by hand inside the model, as pytorch/examples-style code sometimes does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(torch.softmax(self.fc(x), dim=-1))
+
+
+def test_forward_log_of_zero_dropped_by_nll_is_born_in_forward_not_a_mask_fill(tmp_path):
+    """0.1 treated log(0) = -inf like a mask fill and reported the birth in LogBackward0 ("add an eps")."""
+    model = _LogSoftmaxByHand()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = nanguard.Guard(model, opt, out_dir=tmp_path, console=False, report=False)
+    for step in range(6):
+        x = torch.randn(16, 8)
+        if step == 5:
+            x = x * 1e4  # saturates the softmax: the non-target probabilities underflow to exactly 0
+        with torch.no_grad():
+            y = model.fc(x).argmax(-1)  # the loss picks the finite entries: it stays finite
+        loss = torch.nn.functional.nll_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    guard.close()
+    events = read_events(tmp_path)
+    assert [e["step"] for e in events] == [5]
+    d = events[0]["diagnosis"]
+    assert (d["cause"], d["phase"], d["module"], d["op"]) == ("invalid_math_domain", "forward", "", "aten::log")
+    assert "log_softmax" in d["fixes"][0]

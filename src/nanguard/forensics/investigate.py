@@ -177,6 +177,7 @@ def _traced(replay: _Replay, facts: Facts, details: dict[str, Any]) -> ReplayOut
     facts.checked.append("operator trace")
     facts.births = list(tracer.births)
     facts.loss_ops = tracer.loss_ops
+    facts.forward_ops = [name for name, _ in tracer.forward_ops]
     facts.batchnorm_ops = tracer.batchnorm_ops
     facts.error_context = tracer.error_context
     facts.low_precision = sorted(tracer.low_precision)

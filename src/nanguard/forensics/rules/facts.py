@@ -159,6 +159,8 @@ class Facts:
     loss_origin: Birth | None = None
     grad_origin: Birth | None = None
     loss_ops: list[dict[str, Any]] = field(default_factory=list)
+    # The names of the forward and loss ops the traced replay ran, in order (births index into it).
+    forward_ops: list[str] = field(default_factory=list, repr=False)
     batchnorm_ops: list[dict[str, Any]] = field(default_factory=list)
     batchnorm_training: list[str] = field(default_factory=list)
     error_context: dict[str, Any] | None = None

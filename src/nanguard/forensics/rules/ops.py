@@ -171,6 +171,9 @@ def rule_from_trace(f: Facts) -> Diagnosis | None:
         diagnosis = rule(f, trace)
         if diagnosis is not None:
             return diagnosis
+    domain = _discarded_domain_birth(f, birth)
+    if domain is not None:
+        return _domain_in_forward(f, domain)
     if birth.phase == "backward":
         fp32_finite = f.fp32 is not None and f.fp32.finite
         return _backward_cause(f, birth, trace.evidence, fp32_finite, birth.dtype in LOW_PRECISION)
@@ -270,6 +273,34 @@ def _backward_cause(f: Facts, birth: Birth, evidence: list[str], fp32_finite: bo
                 reproducible=rep, fix=fix)
 
 
+def _discarded_domain_birth(f: Facts, culprit: Birth) -> Birth | None:
+    """A forward ``log(0) = -inf`` that a gather or index dropped before the loss, whose backward made the NaN.
+
+    The first bad value is that forward inf (not a mask fill: nobody asked for it), so the place and the
+    cause are the forward op's: ``invalid_math_domain``, fixed by log_softmax. A ``torch.where`` that
+    discards the branch on purpose is the backward singularity it always was (its fix is a safe branch).
+    """
+    first = next((b for b in f.births if not b.intended and b.phase != "input"), None)
+    if first is None or first.phase not in ("forward", "loss") or first.kind != "inf" or not is_domain(first):
+        return None
+    if culprit is not first and not (culprit.phase == "backward" and culprit.forward_op == first.op):
+        return None
+    index = first.extra.get("op_index")
+    later = f.forward_ops[index + 1:] if isinstance(index, int) else f.forward_ops
+    if any(name in ("aten::where", "aten::where.self", "aten::masked_fill") for name in later):
+        return None
+    return first
+
+
+def _domain_in_forward(f: Facts, birth: Birth) -> Diagnosis:
+    replay = f.replay
+    assert replay is not None
+    evidence = [birth_line(birth), f"the {birth.kind} never reached the loss (loss {fmt(replay.loss)}), but "
+                f"{birth.op}'s backward turned it into NaN gradients", outcome_line(replay)]
+    return make("invalid_math_domain", birth.phase, confidence=0.9, evidence=evidence, op=birth.op,
+                module=birth.module, reproducible=f.reproduced, fix={"domain_fix": domain_fix(birth)})
+
+
 def rule_absorbed_forward_nan(f: Facts) -> Diagnosis | None:
     """Loss finite, gradients not, and a forward NaN/inf that never reached the loss (torch.where)."""
     replay = f.replay
@@ -278,6 +309,8 @@ def rule_absorbed_forward_nan(f: Facts) -> Diagnosis | None:
     if any(b.phase == "backward" and not b.intended for b in f.births):
         return None
     absorbed = next((b for b in f.births if b.phase in ("forward", "loss") and not b.intended), None)
+    if absorbed is not None and _discarded_domain_birth(f, absorbed) is absorbed:
+        return _domain_in_forward(f, absorbed)
     return _absorbed(f, absorbed) if absorbed is not None else None
 
 

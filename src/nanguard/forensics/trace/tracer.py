@@ -455,12 +455,14 @@ class OpTracer:
             dtype=dtype_name(outs[0].dtype),
             scalars=dict(bound.scalars),
         )
+        if ctx.phase != "backward":
+            birth.extra["op_index"] = len(self.forward_ops) - 1
         # A non-finite scalar written into finite data is a deliberate fill (a mask), not an accident.
         birth.intended = kind == "inf" and any(v in ("inf", "-inf") for v in bound.scalars.values())
         try:
             birth.outputs = [summarize(t) for t in outs[:2]]
             birth.inputs = [summarize(t, arg) for arg, t, role in bound.tensors[:6] if role != "write"]
-            birth.extra = op_extra(name, bound.by_name(), bound.scalars, outs)
+            birth.extra = {**birth.extra, **op_extra(name, bound.by_name(), bound.scalars, outs)}
         except Exception as exc:  # summaries are a courtesy: never let them break the replay
             birth.extra["summary_error"] = f"{type(exc).__name__}: {exc}"[:200]
         self._add_birth(birth)
