@@ -229,3 +229,27 @@ def test_forward_log_of_zero_dropped_by_nll_is_born_in_forward_not_a_mask_fill(t
     d = events[0]["diagnosis"]
     assert (d["cause"], d["phase"], d["module"], d["op"]) == ("invalid_math_domain", "forward", "", "aten::log")
     assert "log_softmax" in d["fixes"][0]
+
+
+def test_a_replay_that_crashed_never_claims_the_fault_reproduced():
+    """0.1 wrote ``reproducible: true`` when the replay itself raised (a crash is not a reproduction)."""
+    from nanguard.forensics import investigate
+    from tests.forensics.helpers import bad_step
+
+    model = _mlp(4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(8, 8)
+    calls = [0]
+
+    def closure() -> torch.Tensor:
+        calls[0] += 1
+        if calls[0] > 1:
+            raise RuntimeError("the data loader's iterator is exhausted")  # only the replay fails
+        opt.zero_grad()
+        loss = model(x).sum() * float("nan")
+        loss.backward()
+        return loss
+
+    d = investigate(bad_step(model, opt, closure, {"x": x})).diagnosis
+    assert d.reproducible is None
+    assert not any("no non-finite op in the replay" in line for line in d.evidence)

@@ -116,7 +116,9 @@ def _loss_spike(f: Facts) -> Diagnosis:
     s = f.loss_spike or {}
     evidence = ([f"loss {fmt(f.loss)} vs running mean {fmt(s.get('mean'))} ({fmt(s.get('ratio'))}x, "
                  f"z={fmt(s.get('z'))})"] if s else [f"loss {fmt(f.loss)}"])
-    evidence.append("batch finite, labels in range, no input scale jump, no non-finite op in the replay")
+    ran = f.replay is not None and f.replay.error is None
+    evidence.append("batch finite, labels in range, no input scale jump"
+                    + (", no non-finite op in the replay" if ran else "; no replay ran, so no operator was checked"))
     return make("loss_spike", "loss", confidence=0.7, evidence=evidence, reproducible=f.reproduced,
                 fix={"ratio": fmt(s.get("ratio"))})
 

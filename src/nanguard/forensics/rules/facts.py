@@ -181,7 +181,8 @@ class Facts:
     @property
     def reproduced(self) -> bool | None:
         """Whether a replay in the step's own precision showed the same problem."""
-        runs = [r for r in (self.plain, self.traced) if r is not None]
+        # A replay that crashed reproduced nothing (unless the step itself raised, and the replay raised too).
+        runs = [r for r in (self.plain, self.traced) if r is not None and (r.error is None or self.exception)]
         if not runs:
             return None
         if any(not r.finite for r in runs):
@@ -226,9 +227,37 @@ SINGULAR_FIXES = {
 
 
 def mod(module: str | None) -> str:
+    """How a module reads in evidence: ``None`` -> "the loss code", ``''`` -> "the root module", ``'0.fc'`` ->
+    "`model[0].fc`" (a child of a Sequential root reads as the indexing that reaches it)."""
     if module is None:
-        return "loss code"
-    return f"`{module or '<root>'}`"
+        return "the loss code"
+    if not module:
+        return "the root module"
+    head, _, rest = module.partition(".")
+    if head.isdigit():
+        return f"`model[{head}]" + (f".{rest}`" if rest else "`")
+    return f"`{module}`"
+
+
+def count(n: int, word: str, plural: str | None = None) -> str:
+    """``count(1, "zero")`` -> "1 zero", ``count(67160, "zero")`` -> "67,160 zeros"; NaN/-inf do not inflect."""
+    if n == 1 or word in ("NaN", "Inf", "-inf", "+inf"):
+        return f"{n:,} {word}"
+    return f"{n:,} {plural or word + 's'}"
+
+
+def value(v: float | None) -> str:
+    """A loss or norm as people write it: NaN, inf, 3.42."""
+    if v is None:
+        return "none"
+    return "NaN" if v != v else fmt(v)
+
+
+def nonfinite_counts(nan: int, posinf: int, neginf: int, numel: int | None) -> str:
+    """ "1 Inf among 16,384 values", not "0 NaN, 1 Inf of 16384"."""
+    parts = [count(n, w) for n, w in ((nan, "NaN"), (posinf, "+inf"), (neginf, "-inf")) if n]
+    text = ", ".join(parts) or "no non-finite value"
+    return text + (f" among {numel:,} values" if numel else "")
 
 
 def make(
@@ -260,27 +289,32 @@ def make(
     )
 
 
-def birth_line(b: Birth) -> str:
+def birth_line(b: Birth, parent: Birth | None = None) -> str:
+    """Where the first bad value was born and what its inputs held, as an engineer would say it."""
     out = b.outputs[0] if b.outputs else {}
-    counts = f"{out.get('nan', 0)} NaN, {out.get('posinf', 0)} +inf, {out.get('neginf', 0)} -inf of shape {out.get('shape')}"
+    shape = out.get("shape") or []
+    numel = math.prod(shape) if shape else None
+    counts = nonfinite_counts(out.get("nan", 0), out.get("posinf", 0), out.get("neginf", 0), numel)
     where = f"{b.op} in {mod(b.module)}" if b.op else f"{b.source}"
     if b.phase == "backward":
-        where += f" (backward of {b.forward_op or '?'}, node {b.backward_node})"
-    line = f"first {b.kind} born at {where} [{b.phase}, {b.dtype}]: {counts}"
-    inputs = [i for i in b.inputs if "absmax" in i or "nan" in i]
-    if inputs:
-        parts = []
-        for i in inputs[:3]:
-            bits = [f"absmax {fmt(i.get('absmax'))}"]
-            for key in ("zeros", "negatives", "neginf", "posinf"):
-                if i.get(key):
-                    bits.append(f"{i[key]} {key}")
-            parts.append(f"{i['arg']} " + "/".join(bits))
-        line += "; inputs: " + ", ".join(parts)
+        where += f" (the backward of {b.forward_op or '?'}, {b.backward_node})"
+    line = f"first {'NaN' if b.kind == 'nan' else 'inf'} born at {where} ({b.phase}, {b.dtype}): {counts}"
+    inputs = [i for i in b.inputs if "absmax" in i or "nan" in i][:3]
+    masks = parent is not None and parent.intended
+    for i in inputs:
+        name = "its input" if len(inputs) == 1 else f"its input `{i['arg']}`"
+        held = [count(i[key], word, plural) for key, word, plural in (
+            ("nan", "NaN", None), ("neginf", "-inf", None), ("posinf", "+inf", None), ("zeros", "zero", None),
+            ("negatives", "negative value", None)) if i.get(key)]
+        if held and masks and i.get("neginf"):
+            held[held.index(count(i["neginf"], "-inf"))] += " (mask fills)"
+        largest = f"largest |x| {fmt(i.get('absmax'))}"
+        line += f"; {name} held {', '.join(held)}, {largest}" if held else f"; {name}'s {largest}"
     if b.extra.get("divisor_zeros"):
-        line += f"; divisor zeros {b.extra['divisor_zeros']} (0/0: {b.extra.get('zero_over_zero', 0)})"
+        zz = b.extra.get("zero_over_zero", 0)
+        line += f"; {count(b.extra['divisor_zeros'], 'zero divisor')}" + (f" ({zz:,} of them 0/0)" if zz else "")
     if b.extra.get("nonfinite_rows"):
-        line += f"; rows {b.extra['nonfinite_rows']}"
+        line += f"; batch rows {b.extra['nonfinite_rows']}"
     return line
 
 
@@ -288,11 +322,11 @@ def outcome_line(r: ReplayOutcome) -> str:
     if r.error:
         return f"raised {r.error}"
     grads = (
-        "grads finite"
+        "gradients finite"
         if r.grads_finite
-        else (f"{len(r.grad_nonfinite)} grad(s) non-finite, e.g. `{next(iter(r.grad_nonfinite))}`")
+        else f"{count(len(r.grad_nonfinite), 'gradient')} non-finite (e.g. `{next(iter(r.grad_nonfinite))}`)"
     )
-    return f"loss {fmt(r.loss)}, {grads}, grad norm {fmt(r.total_grad_norm)}"
+    return f"loss {value(r.loss)}, {grads}, grad norm {value(r.total_grad_norm)}"
 
 
 def is_domain(b: Birth) -> bool:

@@ -129,8 +129,11 @@ class Birth:
 
     def where(self) -> str:
         parts = [self.op or self.source or "?"]
-        if self.module is not None:
-            parts.append(f"in `{self.module or '<root>'}`")
+        if self.module == "":
+            parts.append("in the root module")
+        elif self.module is not None:
+            head, _, rest = self.module.partition(".")
+            parts.append(f"in `model[{head}]{'.' + rest if rest else ''}`" if head.isdigit() else f"in `{self.module}`")
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
