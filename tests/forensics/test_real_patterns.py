@@ -253,3 +253,28 @@ def test_a_replay_that_crashed_never_claims_the_fault_reproduced():
     d = investigate(bad_step(model, opt, closure, {"x": x})).diagnosis
     assert d.reproducible is None
     assert not any("no non-finite op in the replay" in line for line in d.evidence)
+
+
+def test_a_replay_that_re_ran_nothing_is_not_called_nondeterministic():
+    """A recorded step whose backward was not captured re-runs nothing: finite "because empty", not flaky."""
+    from nanguard.forensics import investigate
+    from tests.forensics.helpers import bad_step
+
+    model = _mlp(4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(8, 8)
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        if calls[0] > 1:
+            return None  # the replay of a step whose loss and backward were never recorded
+        opt.zero_grad()
+        loss = model(x).sum() * float("nan")
+        loss.backward()
+        return loss
+
+    d = investigate(bad_step(model, opt, closure, {"x": x})).diagnosis
+    assert d.cause == "unknown"
+    assert d.reproducible is None
+    assert any("reproduced nothing" in line for line in d.evidence)

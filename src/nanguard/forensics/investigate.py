@@ -164,6 +164,9 @@ def _replays(replay: _Replay, facts: Facts, details: dict[str, Any]) -> None:
         facts.fp32 = replay.run("float32", lambda: float32_mode(tensors))
         runs.append(facts.fp32)
         facts.checked.append("float32 counterfactual")
+    if runs and all(r.error is None and r.loss is None and not r.grad_norms for r in runs):
+        facts.failures.append("replay: the recorded step gave no loss and no gradient, so it reproduced nothing "
+                              "(the step's backward was not recorded)")
     details["replays"] = [r.to_dict() for r in runs]
     for r in runs:
         r.loss_tensor = None

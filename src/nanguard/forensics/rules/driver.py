@@ -60,6 +60,8 @@ def rule_nondeterministic(f: Facts) -> Diagnosis | None:
     runs = [r for r in (f.plain, f.traced) if r is not None]
     if not runs or any(not r.finite for r in runs):
         return None
+    if all(r.loss is None and not r.grad_norms for r in runs):
+        return None  # the replay produced no loss and no gradient: it re-ran nothing, so it proves nothing
     evidence = [
         f"the step was non-finite ({f.trigger}, loss {fmt(f.loss)}, grad norm {fmt(f.grad_norm)})",
         *[f"{r.label} replay from identical state, batch and RNG: {outcome_line(r)}" for r in runs],

@@ -182,7 +182,8 @@ class Facts:
     def reproduced(self) -> bool | None:
         """Whether a replay in the step's own precision showed the same problem."""
         # A replay that crashed reproduced nothing (unless the step itself raised, and the replay raised too).
-        runs = [r for r in (self.plain, self.traced) if r is not None and (r.error is None or self.exception)]
+        runs = [r for r in (self.plain, self.traced) if r is not None and (r.error is None or self.exception)
+                and (r.error is not None or r.loss is not None or r.grad_norms)]  # an empty re-run shows nothing
         if not runs:
             return None
         if any(not r.finite for r in runs):
