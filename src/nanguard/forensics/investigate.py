@@ -216,16 +216,18 @@ def _label_findings(request: InvestigationRequest, batch: dict[str, Any], facts:
     for op in facts.loss_ops:
         if op.get("out_of_range"):
             classes = op["num_classes"]
+            field_name = op.get("field") or _field_holding(batch, op.get("out_of_range_values") or [])
+            valid = f"[0, {classes})" if classes is not None else "the class range"
             facts.labels.append(
                 {
-                    "field": op.get("field") or "target",
+                    "field": field_name,
                     "op": op["op"],
                     "module": op.get("module"),
                     "num_classes": classes,
                     "needed": max(op["out_of_range_values"] or [classes]) + 1,
-                    "evidence": f"{op['op']}: {op['out_of_range']} target(s) outside [0, {classes}) "
+                    "evidence": f"{op['op']}: {op['out_of_range']} target(s) outside {valid} "
                     f"(values {op['out_of_range_values']}, ignore_index {op['ignore_index']}) in "
-                    f"`{op.get('field') or 'target'}`, rows {op['out_of_range_rows']}",
+                    f"`{field_name or 'the target'}`, rows {op['out_of_range_rows']}",
                 }
             )
     exc = facts.exception
@@ -252,6 +254,20 @@ def _label_findings(request: InvestigationRequest, batch: dict[str, Any], facts:
             holding = set(checks.fields_containing(batch, value))
             found.sort(key=lambda t: t["field"] not in holding)
         facts.tokens = [dict(t, op="aten::embedding") for t in found]
+
+
+def _field_holding(batch: dict[str, Any], values: list[int]) -> str | None:
+    """The batch field (by the user's name for it, ``labels``) that holds the out-of-range target values.
+
+    A loss op's own argument name (``target``) is not what the user calls it; a field named like a label
+    comes first when token ids hold the same value.
+    """
+    for value in values[:1]:
+        fields = checks.fields_containing(batch, int(value))
+        fields.sort(key=lambda name: not any(w in name.lower() for w in ("label", "target")))
+        if fields:
+            return fields[0]
+    return None
 
 
 def _check_table(facts: Facts) -> list[dict[str, Any]]:
