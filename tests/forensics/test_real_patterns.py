@@ -121,6 +121,10 @@ def test_compiled_model_is_replayed_eagerly_through_orig_mod(tmp_path):
                                                               "aten::_softmax", "mask")
     assert any("ran its original module (`_orig_mod`) eagerly" in line for line in d["evidence"])
     assert events[0]["details"]["replay_mode"] == "eager"
+    stats = {m["module"]: m for m in events[0]["details"]["module_stats"]}
+    assert stats[""]["role"] == "birth"  # the softmax ran in the root module's forward
+    assert stats[""]["forward_nonfinite"] >= 1 and stats["emb"]["forward_nonfinite"] == 0
+    assert stats["head"]["role"] == "downstream"
 
 
 def test_two_roots_gru_and_head_replay_a_masked_mean_over_an_all_padding_batch(tmp_path):

@@ -63,6 +63,7 @@ def investigate(request: InvestigationRequest) -> Investigation:
             phase="unknown",
             evidence=[f"diagnosis failed: {type(exc).__name__}: {exc}"[:300], *facts.failures[:3]],
         )
+    _place_modules(details.get("module_stats") or [], facts, diagnosis)
     capture = request.capture
     if capture is not None and capture.eager and facts.replay is not None:
         diagnosis.evidence.append("the model is torch.compile'd: the replay ran its original module (`_orig_mod`) "
@@ -254,6 +255,23 @@ def _label_findings(request: InvestigationRequest, batch: dict[str, Any], facts:
             holding = set(checks.fields_containing(batch, value))
             found.sort(key=lambda t: t["field"] not in holding)
         facts.tokens = [dict(t, op="aten::embedding") for t in found]
+
+
+def _place_modules(stats: list[dict[str, Any]], facts: Facts, diagnosis: Diagnosis) -> None:
+    """Each module's ``role`` relative to the birth: ``birth``, ``upstream`` (ran before it and stayed
+    clean), ``downstream`` (saw the bad value because it flowed there) or ``clean``."""
+    birth = next((b for b in facts.births if b.module == diagnosis.module and b.phase != "input"), None)
+    born_at = birth.extra.get("op_index") if birth is not None else None
+    for stat in stats:
+        first_op = stat.pop("first_op", -1)
+        if diagnosis.module is not None and stat["module"] == diagnosis.module and birth is not None:
+            stat["role"] = "birth"
+        elif stat["forward_nonfinite"] or stat["backward_nonfinite"]:
+            stat["role"] = "downstream"
+        elif isinstance(born_at, int) and 0 <= first_op < born_at:
+            stat["role"] = "upstream"
+        else:
+            stat["role"] = "clean"
 
 
 def _field_holding(batch: dict[str, Any], values: list[int]) -> str | None:

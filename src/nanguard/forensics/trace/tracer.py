@@ -399,8 +399,11 @@ class OpTracer:
             return
         values = absmax_values(outs)
         backward = ctx.phase == "backward"
+        stat = None
         if ctx.module is not None:
             stat = self.module_stats.setdefault(ctx.module, ModuleStat(ctx.module))
+            if stat.first_op < 0 and not backward:
+                stat.first_op = len(self.forward_ops) - 1
             for t, v in zip(outs, values, strict=True):
                 stat.see(t, v, backward)
         for t in outs:
@@ -433,6 +436,10 @@ class OpTracer:
             finite = math.isfinite(v)
             self._flags[t] = _Flags(t._version, math.isnan(v), math.isinf(v), None if finite else origin)
         self.last_nonfinite_origin[ctx.phase] = origin
+        intended = origin is not None and 0 <= origin < len(self.births) and self.births[origin].intended
+        if stat is not None and not (intended and not out_nan):
+            for _ in bad:
+                stat.count_nonfinite(backward)
 
     def _op_birth(
         self,
