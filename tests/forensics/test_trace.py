@@ -154,3 +154,19 @@ def test_class_target_stats_counts_match_a_direct_count(
     assert stats["out_of_range"] == len(out)
     assert stats["out_of_range_values"] == sorted(set(out))
     assert stats["masked_targets"] == len(masked)
+
+
+def test_module_stats_never_count_an_intended_mask_fill() -> None:
+    """A ``masked_fill(-inf)`` the user asked for is not a non-finite output of the module that made it."""
+    from nanguard.forensics.trace import OpTracer
+
+    class Masker(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.masked_fill(x < 0, float("-inf"))
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), Masker())
+    x = torch.randn(3, 4)
+    with OpTracer([model], {"x": x}, None) as tracer:
+        model(x).exp().sum()
+    stats = {name: s.to_dict() for name, s in tracer.module_stats.items()}
+    assert stats["1"]["forward_nonfinite"] == 0 and stats["1"]["backward_nonfinite"] == 0

@@ -16,7 +16,6 @@ from nanguard.report.text import action_phrase, cause_phrase, format_number, tri
 # in the loss of the step after the bad update, or a few steps later).
 FAULT_REACH = 5
 FIXES_SHOWN = 2
-ROOT_MODULE = "<root>"
 
 
 def nearest_fault(event_step: int, injected: Sequence[tuple[int, str]]) -> tuple[int, str] | None:
@@ -69,9 +68,7 @@ def diagnoses_block(guarded: RunResult, faults: Sequence[Fault]) -> str:
         lines.append(f"    injected: {_injection_text(event['step'], guarded.injected, described)}")
         cause = str(diagnosis.get("cause", "unknown"))
         lines.append(f"    cause:    {cause} ({cause_phrase(cause)}), in {diagnosis.get('phase', 'unknown')}")
-        # The root module's name is ''; say so in words a reader can place.
-        module = diagnosis.get("module")
-        where = where_phrase({**diagnosis, "module": ROOT_MODULE if module == "" else module})
+        where = where_phrase(diagnosis)  # reads the root module ('') as "(root module)", '0' as model[0]
         if where:
             lines.append(f"    where:    {where}")
         lines += [f"    fix:      {fix}" for fix in (diagnosis.get("fixes") or [])[:FIXES_SHOWN]]

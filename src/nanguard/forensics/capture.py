@@ -143,6 +143,30 @@ class ForwardCall:
     backward_slot: _Slot | None = None
     loss_slot: _Slot | None = None
     backward_gradient: torch.Tensor | None = None
+    # Called while ``head``'s loss region was open (a second root, or the same model again before backward):
+    # the call is replayed from ``head``'s recorded ops, in order, with its outputs bound to slots there.
+    head: ForwardCall | None = None
+
+
+class _CallMarker:
+    """A recorded op that stands for a watched call made inside another call's loss region."""
+
+    def __init__(self, call: ForwardCall) -> None:
+        self.call = call
+        self.__name__ = f"call of {type(call.module).__name__}"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        call = self.call
+        call.rng.restore()
+        if call.autocast is not None:
+            with torch.autocast(call.autocast[0], dtype=call.autocast[1]):
+                return call.module(*args, **kwargs)
+        return call.module(*args, **kwargs)
+
+
+def _flat_output(output: Any) -> list[Any]:
+    flat, _ = tree_flatten(output if not hasattr(output, "to_tuple") else output.to_tuple())
+    return flat
 
 
 def _autocast_state() -> tuple[str, torch.dtype] | None:
@@ -165,15 +189,23 @@ class StepRecorder:
 
     # --- called on the hot path: keep these to a few attribute writes --------------------------
     def on_forward_start(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self.stop_recording()
-        self._pending = ForwardCall(module, args, kwargs, RngState.capture(full=False), _autocast_state())
+        head = self._active
+        if head is not None and head.recorder is not None and not head.recorder.overflowed:
+            _deactivate(head.recorder)  # the call's own ops are not loss ops; its outputs will be slots
+        else:
+            self.stop_recording()
+            head = None
+        self._pending = ForwardCall(module, args, kwargs, RngState.capture(full=False), _autocast_state(), head=head)
 
     def on_forward_end(self, module: torch.nn.Module, output: Any) -> None:
         pending = self._pending
         if pending is None or pending.module is not module:
             return
         self._pending = None
-        flat, _ = tree_flatten(output if not hasattr(output, "to_tuple") else output.to_tuple())
+        if pending.head is not None:
+            self._chain(pending, output)
+            return
+        flat = _flat_output(output)
         for i, value in enumerate(flat):
             if isinstance(value, torch.Tensor):
                 pending.output_slots[id(value)] = (weakref.ref(value), _Slot(("out", i)))
@@ -181,6 +213,26 @@ class StepRecorder:
         _activate(pending.recorder)
         self.calls.append(pending)
         self._active = pending
+
+    def _chain(self, call: ForwardCall, output: Any) -> None:
+        """Record ``call`` as one op of its head's loss region and resume recording there."""
+        head = call.head
+        assert head is not None and head.recorder is not None
+        recorder = head.recorder
+        self.calls.append(call)
+        if len(recorder.ops) >= MAX_RECORDED_OPS:
+            recorder.overflowed = True
+            return
+        index = len(recorder.ops)
+        args, kwargs = tree_map(recorder._slot_of, call.args), tree_map(recorder._slot_of, call.kwargs)
+        slots: list[_Slot | None] = []
+        for j, value in enumerate(_flat_output(output)):
+            slot = _Slot(("op", index, j)) if isinstance(value, torch.Tensor) else None
+            if slot is not None:
+                recorder.slots[id(value)] = (weakref.ref(value), slot)
+            slots.append(slot)
+        recorder.ops.append(RecordedOp(_CallMarker(call), args, kwargs, slots))
+        _activate(recorder)
 
     def on_backward(self, tensor: torch.Tensor, gradient: torch.Tensor | None, loss: torch.Tensor | None) -> None:
         call = self._active
@@ -209,18 +261,31 @@ class StepRecorder:
 
 # ------------------------------------------------------------------------------ event path
 def replayable(calls: list[ForwardCall]) -> bool:
-    return bool(calls) and all(
-        c.recorder is not None and not c.recorder.overflowed and c.backward_slot is not None for c in calls
+    heads = [c for c in calls if c.head is None]
+    return bool(heads) and all(
+        c.recorder is not None and not c.recorder.overflowed and c.backward_slot is not None for c in heads
     )
 
 
 def batch_of(calls: list[ForwardCall]) -> dict[str, Any]:
     """The step's batch tensors, named after the model's forward arguments and the loss ops' arguments."""
     named: dict[str, Any] = {}
-    for n, call in enumerate(calls):
-        prefix = f"micro{n}." if len(calls) > 1 else ""
+    heads = [c for c in calls if c.head is None]
+    region = -1
+    for call in calls:
+        region += call.head is None
+        prefix = f"micro{region}." if len(heads) > 1 else ""
+        produced = call.head.recorder if call.head is not None else None
         for name, value in named_call_arguments(call.module, call.args, call.kwargs).items():
-            named[prefix + name] = value
+            if produced is not None and (value.requires_grad or isinstance(produced._slot_of(value), _Slot)):
+                continue  # made earlier in this step (another root's output): not batch data
+            if any(value is seen for seen in named.values()):
+                continue
+            key, k = prefix + name, 1
+            while key in named:
+                k += 1
+                key = f"{prefix}{name}_{k}"
+            named[key] = value
         if call.recorder is not None:
             _name_loss_inputs(call.recorder, prefix, named)
     return named
@@ -245,7 +310,7 @@ def _name_loss_inputs(recorder: LossRecorder, prefix: str, named: dict[str, Any]
 
 def build_rerun(calls: list[ForwardCall]) -> Callable[[], torch.Tensor | None]:
     """A function that re-runs the recorded calls and their loss ops, in order, and returns the loss."""
-    calls = list(calls)
+    calls = [c for c in calls if c.head is None]  # chained calls replay inside their head's ops
 
     def rerun() -> torch.Tensor | None:
         total: torch.Tensor | None = None
@@ -268,6 +333,8 @@ class Watcher(Protocol):
 
 
 _WATCHED: dict[int, tuple[weakref.ref[torch.nn.Module], list[Watcher]]] = {}
+_COMPILED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # watched modules seen called through torch.compile
+_COMPILED_LEASES: dict[int, patches.Lease] = {}  # id(module lease) -> its lease on OptimizedModule.__call__
 _PAUSED = [0]
 _INSIDE: set[int] = set()  # watched calls in progress (a class and its base both patched: report once)
 
@@ -294,13 +361,56 @@ def _make_call(original: Any) -> Any:
     return __call__
 
 
+def _make_compiled_call(original: Any) -> Any:
+    """``OptimizedModule.__call__``: a call of a compiled watched module is a call of its ``_orig_mod``.
+
+    The compiled graph never runs the original module's ``__call__`` in Python, so it is recorded here, with
+    the original module as the callee: the replay then runs that module eagerly, under the instruments.
+    """
+
+    def __call__(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        inner = self.__dict__.get("_modules", {}).get("_orig_mod")
+        entry = _WATCHED.get(id(inner)) if inner is not None else None
+        if (entry is None or id(inner) in _INSIDE or _PAUSED[0] or entry[0]() is not inner
+                or not torch.is_grad_enabled()):
+            return original(self, *args, **kwargs)
+        assert inner is not None
+        _COMPILED.add(inner)
+        watchers = list(entry[1])
+        for watcher in watchers:
+            watcher.on_forward_start(inner, args, kwargs)
+        _INSIDE.add(id(inner))
+        try:
+            output = original(self, *args, **kwargs)
+        finally:
+            _INSIDE.discard(id(inner))
+        for watcher in watchers:
+            watcher.on_forward_end(inner, output)
+        return output
+
+    __call__.__wrapped__ = original  # type: ignore[attr-defined]
+    return __call__
+
+
+def _optimized_module_class() -> type | None:
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except Exception:  # torch without dynamo
+        return None
+    return OptimizedModule
+
+
 def watch(module: torch.nn.Module, watcher: Watcher) -> patches.Lease:
     """Tell ``watcher`` about every gradient-enabled call of ``module``; release the lease to stop."""
     entry = _WATCHED.get(id(module))
     if entry is None or entry[0]() is not module:
         entry = _WATCHED[id(module)] = (weakref.ref(module), [])
     entry[1].append(watcher)
-    return patches.acquire(type(module), "__call__", _make_call)
+    lease = patches.acquire(type(module), "__call__", _make_call)
+    compiled = _optimized_module_class()
+    if compiled is not None and not isinstance(module, compiled):
+        _COMPILED_LEASES[id(lease)] = patches.acquire(compiled, "__call__", _make_compiled_call)
+    return lease
 
 
 def unwatch(module: torch.nn.Module, watcher: Watcher, lease: patches.Lease) -> None:
@@ -310,6 +420,9 @@ def unwatch(module: torch.nn.Module, watcher: Watcher, lease: patches.Lease) -> 
             entry[1].remove(watcher)
         if not entry[1]:
             del _WATCHED[id(module)]
+    compiled = _COMPILED_LEASES.pop(id(lease), None)
+    if compiled is not None:
+        compiled.release()
     lease.release()
 
 
@@ -357,7 +470,7 @@ def _rerun_call(call: ForwardCall) -> torch.Tensor | None:
             output = call.module(*call.args, **call.kwargs)
     else:
         output = call.module(*call.args, **call.kwargs)
-    flat, _ = tree_flatten(output if not hasattr(output, "to_tuple") else output.to_tuple())
+    flat = _flat_output(output)
     values: dict[tuple[Any, ...], Any] = {}
     for i, value in enumerate(flat):
         values[("out", i)] = value
@@ -367,7 +480,7 @@ def _rerun_call(call: ForwardCall) -> torch.Tensor | None:
 
     for index, op in enumerate(call.recorder.ops):
         result = op.func(*tree_map(bind, op.args), **tree_map(bind, op.kwargs))
-        flat_out, _ = tree_flatten(result)
+        flat_out = _flat_output(result) if isinstance(op.func, _CallMarker) else tree_flatten(result)[0]
         for j, value in enumerate(flat_out):
             values[("op", index, j)] = value
     assert call.backward_slot is not None
@@ -400,5 +513,6 @@ def step_capture(calls: list[ForwardCall], closure: StepCapture | None = None, *
         rerun=build_rerun(calls), batch=batch, rng_state=first.rng,
         autocast_dtype=first.autocast[1] if first.autocast else None,
         device_type=first.autocast[0] if first.autocast else "cpu",
+        eager=any(call.module in _COMPILED for call in calls),
     )
     return capture, batch, renamed

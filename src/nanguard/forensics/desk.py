@@ -14,6 +14,7 @@ collective, no loss accounting, no recording.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 import warnings
@@ -54,6 +55,11 @@ class Case:
     exception: BaseException | None = None
     bad_rank: int | None = None
     lockstep: bool = False  # every rank is deciding this step together (collectives are allowed)
+    triage: Diagnosis | None = None  # the replay-free diagnosis, computed once per case (see Desk.triage)
+    same_as: int | None = None  # the investigated step whose signature this case has (set by Desk.fund)
+
+
+Signature = tuple[str, str, str | None, str | None]
 
 
 class Desk:
@@ -66,6 +72,7 @@ class Desk:
         self.detector = detector
         self.wrappers = list(wrappers)
         self.investigations = 0
+        self._diagnosed: dict[Signature, tuple[int, Diagnosis]] = {}  # triage signature -> investigated step
         self._good: tuple[list[ForwardCall], StepCapture | None, float] | None = None  # the last good batch
 
     # ------------------------------------------------------------------ budget
@@ -77,12 +84,60 @@ class Desk:
         """
         if not self.config.forensics or case.trigger == "divergence":
             return False
+        known = self._known(case)
+        if known is not None:
+            case.same_as = known
+            return False
         if self.investigations >= self.config.forensics_max_events:
             return False
         if case.trigger in ("loss_spike", "grad_spike") and self._spike_z(case) < self.config.spikes.alarm_z:
             return False
         self.investigations += 1
         return True
+
+    def triage(self, case: Case) -> Diagnosis:
+        """The replay-free diagnosis of ``case`` (cheap: the batch, the state and the trigger), once per case."""
+        if case.triage is None:
+            signals = Signals(trigger=case.trigger, loss=case.loss, grad_norm=case.grad_norm, batch=case.batch,
+                              batch_scale_history=self.detector.batch_scale_history(before=case.step,
+                                                                                    renamed=case.renamed),
+                              spike_stats=self.detector.summary(), update_made_weights_nonfinite=case.update_applied)
+            case.triage = quick_diagnosis(signals, self.subjects.models, self.subjects.optimizer)
+        return case.triage
+
+    def _signature(self, case: Case) -> Signature:
+        """What an event looks like before any replay: its trigger and where the triage places it."""
+        quick = self.triage(case)
+        return case.trigger, quick.cause, quick.tensor, quick.module
+
+    def _known(self, case: Case) -> int | None:
+        """The investigated step whose signature ``case`` has, if any (never across ranks: batches differ)."""
+        if case.exception is not None or dist_utils.is_distributed() or not self._diagnosed:
+            return None
+        found = self._diagnosed.get(self._signature(case))
+        return found[0] if found is not None else None
+
+    def _remember(self, case: Case, diagnosis: Diagnosis) -> None:
+        """An investigated diagnosis that later events with the same signature carry (``same_as_step``)."""
+        if diagnosis.cause == "unknown" or case.exception is not None or dist_utils.is_distributed():
+            return
+        self._diagnosed.setdefault(self._signature(case), (case.step, copy.deepcopy(diagnosis)))
+
+    def _carried(self, case: Case, step: int) -> Diagnosis:
+        """The diagnosis of investigated ``step``, for ``case`` with the same signature: nothing was replayed."""
+        original = self._diagnosed[self._signature(case)][1]
+        carried = copy.deepcopy(original)
+        quick = self.triage(case)
+        facts = [f"this step: {line}" for line in quick.evidence[:2]] if quick.cause != "unknown" else []
+        carried.evidence = [
+            f"same signature as step {step} (trigger {case.trigger}, same triage facts): its diagnosis is carried "
+            "over; this step was not replayed",
+            *facts,
+            *(f"step {step}: {line}" for line in original.evidence[:4]),
+        ]
+        carried.reproducible = None
+        carried.same_as_step = step
+        return carried
 
     def _spike_z(self, case: Case) -> float:
         if case.trigger == "loss_spike":
@@ -119,6 +174,8 @@ class Desk:
 
     def _diagnose_here(self, case: Case, replay: bool) -> tuple[Diagnosis, dict[str, Any]]:
         history = self.detector.batch_scale_history(before=case.step, renamed=case.renamed)
+        if not replay and case.same_as is not None:
+            return self._carried(case, case.same_as), {"same_as_step": case.same_as}
         if replay or case.exception is not None:
             try:
                 request = self._request(case, history, replay)
@@ -127,13 +184,12 @@ class Desk:
                     result = investigate(request)
                 details = dict(result.details)
                 details.setdefault("seconds", time.perf_counter() - started)
+                if replay:
+                    self._remember(case, result.diagnosis)
                 return result.diagnosis, details
             except Exception as exc:  # forensics must never take the run down
                 warnings.warn(f"nanguard: forensics failed at step {case.step}: {exc!r}", stacklevel=2)
-        signals = Signals(trigger=case.trigger, loss=case.loss, grad_norm=case.grad_norm, batch=case.batch,
-                          batch_scale_history=history, spike_stats=self.detector.summary(),
-                          update_made_weights_nonfinite=case.update_applied)
-        return quick_diagnosis(signals, self.subjects.models, self.subjects.optimizer), {}
+        return self.triage(case), {}
 
     def _request(self, case: Case, history: dict[str, list[float]], replay: bool) -> InvestigationRequest:
         capture = case.capture if replay else StepCapture(rerun=None, batch=case.batch)

@@ -64,6 +64,12 @@ def investigate(request: InvestigationRequest) -> Investigation:
             phase="unknown",
             evidence=[f"diagnosis failed: {type(exc).__name__}: {exc}"[:300], *facts.failures[:3]],
         )
+    _place_modules(details.get("module_stats") or [], facts, diagnosis)
+    capture = request.capture
+    if capture is not None and capture.eager and facts.replay is not None:
+        diagnosis.evidence.append("the model is torch.compile'd: the replay ran its original module (`_orig_mod`) "
+                                  "eagerly, so the operators above are the eager ones")
+        details["replay_mode"] = "eager"
     details["checks"] = _check_table(facts)
     details["failures"] = facts.failures
     details["seconds"] = round(time.perf_counter() - start, 4)
@@ -162,6 +168,9 @@ def _replays(replay: _Replay, facts: Facts, details: dict[str, Any]) -> None:
         facts.fp32 = replay.run("float32", lambda: float32_mode(tensors))
         runs.append(facts.fp32)
         facts.checked.append("float32 counterfactual")
+    if runs and all(r.error is None and r.loss is None and not r.grad_norms for r in runs):
+        facts.failures.append("replay: the recorded step gave no loss and no gradient, so it reproduced nothing "
+                              "(the step's backward was not recorded)")
     details["replays"] = [r.to_dict() for r in runs]
     for r in runs:
         r.loss_tensor = None
@@ -175,6 +184,7 @@ def _traced(replay: _Replay, facts: Facts, details: dict[str, Any]) -> ReplayOut
     facts.checked.append("operator trace")
     facts.births = list(tracer.births)
     facts.loss_ops = tracer.loss_ops
+    facts.forward_ops = [name for name, _ in tracer.forward_ops]
     facts.batchnorm_ops = tracer.batchnorm_ops
     facts.error_context = tracer.error_context
     facts.low_precision = sorted(tracer.low_precision)
@@ -210,16 +220,18 @@ def _label_findings(request: InvestigationRequest, batch: dict[str, Any], facts:
     for op in facts.loss_ops:
         if op.get("out_of_range"):
             classes = op["num_classes"]
+            field_name = op.get("field") or _field_holding(batch, op.get("out_of_range_values") or [])
+            valid = f"[0, {classes})" if classes is not None else "the class range"
             facts.labels.append(
                 {
-                    "field": op.get("field") or "target",
+                    "field": field_name,
                     "op": op["op"],
                     "module": op.get("module"),
                     "num_classes": classes,
                     "needed": max(op["out_of_range_values"] or [classes]) + 1,
-                    "evidence": f"{op['op']}: {op['out_of_range']} target(s) outside [0, {classes}) "
+                    "evidence": f"{op['op']}: {op['out_of_range']} target(s) outside {valid} "
                     f"(values {op['out_of_range_values']}, ignore_index {op['ignore_index']}) in "
-                    f"`{op.get('field') or 'target'}`, rows {op['out_of_range_rows']}",
+                    f"`{field_name or 'the target'}`, rows {op['out_of_range_rows']}",
                 }
             )
     exc = facts.exception
@@ -248,6 +260,37 @@ def _label_findings(request: InvestigationRequest, batch: dict[str, Any], facts:
             holding = set(checks.fields_containing(batch, value))
             found.sort(key=lambda t: t["field"] not in holding)
         facts.tokens = [dict(t, op="aten::embedding") for t in found]
+
+
+def _place_modules(stats: list[dict[str, Any]], facts: Facts, diagnosis: Diagnosis) -> None:
+    """Each module's ``role`` relative to the birth: ``birth``, ``upstream`` (ran before it and stayed
+    clean), ``downstream`` (saw the bad value because it flowed there) or ``clean``."""
+    birth = next((b for b in facts.births if b.module == diagnosis.module and b.phase != "input"), None)
+    born_at = birth.extra.get("op_index") if birth is not None else None
+    for stat in stats:
+        first_op = stat.pop("first_op", -1)
+        if diagnosis.module is not None and stat["module"] == diagnosis.module and birth is not None:
+            stat["role"] = "birth"
+        elif stat["forward_nonfinite"] or stat["backward_nonfinite"]:
+            stat["role"] = "downstream"
+        elif isinstance(born_at, int) and 0 <= first_op < born_at:
+            stat["role"] = "upstream"
+        else:
+            stat["role"] = "clean"
+
+
+def _field_holding(batch: dict[str, Any], values: list[int]) -> str | None:
+    """The batch field (by the user's name for it, ``labels``) that holds the out-of-range target values.
+
+    A loss op's own argument name (``target``) is not what the user calls it; a field named like a label
+    comes first when token ids hold the same value.
+    """
+    for value in values[:1]:
+        fields = checks.fields_containing(batch, int(value))
+        fields.sort(key=lambda name: not any(w in name.lower() for w in ("label", "target")))
+        if fields:
+            return fields[0]
+    return None
 
 
 def _check_table(facts: Facts) -> list[dict[str, Any]]:

@@ -30,6 +30,7 @@ class StepCapture:
     rng_state: RngState | None = None
     autocast_dtype: torch.dtype | None = None
     device_type: str = "cpu"
+    eager: bool = False  # the step ran a ``torch.compile``d module; the replay runs its ``_orig_mod`` eagerly
 
 
 @dataclass(kw_only=True)

@@ -37,7 +37,6 @@ Rule = Callable[[Facts], "Diagnosis | None"]
 RULES: tuple[Rule, ...] = (
     rule_input_nonfinite,
     rule_label_out_of_range,
-    rule_extreme_scale,
     rule_update_flag,
     rule_weights,
     rule_optimizer_state,
@@ -46,9 +45,16 @@ RULES: tuple[Rule, ...] = (
     rule_from_trace,
     rule_update_sim,
     rule_norm_overflow,
+    rule_extreme_scale,
     rule_nondeterministic,
     rule_spikes,
 )
+
+# Causes that an input outlier can push an op into: the outlier is then named in ``contributing``.
+_PUSHED_BY_OUTLIER = frozenset({
+    "invalid_math_domain", "backward_singularity", "forward_overflow", "backward_overflow", "gradient_explosion",
+    "masked_softmax_all_masked", "batchnorm_degenerate",
+})
 
 
 def diagnose(facts: Facts) -> Diagnosis:
@@ -56,8 +62,27 @@ def diagnose(facts: Facts) -> Diagnosis:
     for rule in RULES:
         diagnosis = rule(facts)
         if diagnosis is not None:
-            return diagnosis
+            return _with_outlier(facts, diagnosis)
     return rule_unknown(facts)
+
+
+def _with_outlier(facts: Facts, diagnosis: Diagnosis) -> Diagnosis:
+    """An op's cause leads even when an input outlier pushed it there; the outlier follows in ``contributing``.
+
+    DESIGN.md, "Where it was born, and why", clause (3): the place stays the birth's, and the outlier's
+    fixes come after the op's own.
+    """
+    if not facts.extreme_scale or diagnosis.cause not in _PUSHED_BY_OUTLIER:
+        return diagnosis
+    outlier = rule_extreme_scale(facts)
+    if outlier is None:
+        return diagnosis
+    item: dict[str, object] = {"cause": outlier.cause, "evidence": outlier.evidence[:3]}
+    if outlier.tensor is not None:
+        item["tensor"] = outlier.tensor
+    diagnosis.contributing.append(item)
+    diagnosis.fixes += [fix for fix in outlier.fixes if fix not in diagnosis.fixes]
+    return diagnosis
 
 
 __all__ = ["FLOAT32_NORM_OVERFLOW", "RULES", "Facts", "diagnose"]

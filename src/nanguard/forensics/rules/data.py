@@ -4,7 +4,7 @@ and the batch of extreme scale that drove the step (a driver, checked here next 
 from __future__ import annotations
 
 from nanguard.events import Diagnosis
-from nanguard.forensics.rules.facts import Facts, fmt, make, mod
+from nanguard.forensics.rules.facts import Facts, count, fmt, make, mod
 
 
 def rule_input_nonfinite(f: Facts) -> Diagnosis | None:
@@ -12,7 +12,9 @@ def rule_input_nonfinite(f: Facts) -> Diagnosis | None:
         return None
     first = f.batch_nonfinite[0]
     evidence = [
-        f"batch field `{b['field']}`: {b['nan']} NaN, {b['inf']} Inf of {b['numel']} values (rows {b['rows']})"
+        f"batch field `{b['field']}` holds "
+        f"{', '.join(count(n, w) for n, w in ((b['nan'], 'NaN'), (b['inf'], 'Inf')) if n)} among {b['numel']:,} "
+        f"values (rows {b['rows']})"
         for b in f.batch_nonfinite[:4]
     ]
     used = next(

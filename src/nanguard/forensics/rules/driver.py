@@ -60,6 +60,8 @@ def rule_nondeterministic(f: Facts) -> Diagnosis | None:
     runs = [r for r in (f.plain, f.traced) if r is not None]
     if not runs or any(not r.finite for r in runs):
         return None
+    if all(r.loss is None and not r.grad_norms for r in runs):
+        return None  # the replay produced no loss and no gradient: it re-ran nothing, so it proves nothing
     evidence = [
         f"the step was non-finite ({f.trigger}, loss {fmt(f.loss)}, grad norm {fmt(f.grad_norm)})",
         *[f"{r.label} replay from identical state, batch and RNG: {outcome_line(r)}" for r in runs],
@@ -116,7 +118,9 @@ def _loss_spike(f: Facts) -> Diagnosis:
     s = f.loss_spike or {}
     evidence = ([f"loss {fmt(f.loss)} vs running mean {fmt(s.get('mean'))} ({fmt(s.get('ratio'))}x, "
                  f"z={fmt(s.get('z'))})"] if s else [f"loss {fmt(f.loss)}"])
-    evidence.append("batch finite, labels in range, no input scale jump, no non-finite op in the replay")
+    ran = f.replay is not None and f.replay.error is None
+    evidence.append("batch finite, labels in range, no input scale jump"
+                    + (", no non-finite op in the replay" if ran else "; no replay ran, so no operator was checked"))
     return make("loss_spike", "loss", confidence=0.7, evidence=evidence, reproducible=f.reproduced,
                 fix={"ratio": fmt(s.get("ratio"))})
 

@@ -89,6 +89,10 @@ SINGULAR_BACKWARD_OPS = frozenset(
         "var_mean",
         "cdist",
         "_cdist_forward",
+        "linalg_eigh",
+        "_linalg_eigh",
+        "xlogy",
+        "_cdist_forward",
         "_pdist_forward",
         "atan2",
         "hypot",
@@ -155,6 +159,8 @@ class Facts:
     loss_origin: Birth | None = None
     grad_origin: Birth | None = None
     loss_ops: list[dict[str, Any]] = field(default_factory=list)
+    # The names of the forward and loss ops the traced replay ran, in order (births index into it).
+    forward_ops: list[str] = field(default_factory=list, repr=False)
     batchnorm_ops: list[dict[str, Any]] = field(default_factory=list)
     batchnorm_training: list[str] = field(default_factory=list)
     error_context: dict[str, Any] | None = None
@@ -175,7 +181,9 @@ class Facts:
     @property
     def reproduced(self) -> bool | None:
         """Whether a replay in the step's own precision showed the same problem."""
-        runs = [r for r in (self.plain, self.traced) if r is not None]
+        # A replay that crashed reproduced nothing (unless the step itself raised, and the replay raised too).
+        runs = [r for r in (self.plain, self.traced) if r is not None and (r.error is None or self.exception)
+                and (r.error is not None or r.loss is not None or r.grad_norms)]  # an empty re-run shows nothing
         if not runs:
             return None
         if any(not r.finite for r in runs):
@@ -207,14 +215,50 @@ SINGULAR_FIXES = {
     "aten::acos": "clamp the input to [-1 + eps, 1 - eps]; the derivative is infinite at +-1.",
     "aten::asin": "clamp the input to [-1 + eps, 1 - eps]; the derivative is infinite at +-1.",
     "aten::div": "the derivative of a/b is infinite where b = 0; clamp the denominator.",
+    "aten::xlogy": "the target of `kl_div` / `xlogy` holds exact zeros and requires grad (d/dy y*log(y) is "
+    "infinite at 0): detach the target (`target.detach()`) or clamp it with `clamp_min(eps)`.",
+    "aten::linalg_eigh": "the matrix has repeated eigenvalues, where eigh's gradient divides by their "
+    "difference (0); add a small jitter (`A + eps * torch.eye(n)`) or avoid differentiating the eigenvectors.",
+    "aten::_linalg_eigh": "the matrix has repeated eigenvalues, where eigh's gradient divides by their "
+    "difference (0); add a small jitter (`A + eps * torch.eye(n)`) or avoid differentiating the eigenvectors.",
+    "aten::_cdist_forward": "cdist's gradient divides by the distance, 0 between identical points; use "
+    "`torch.sqrt(((a[:, None] - b[None]) ** 2).sum(-1) + eps)`.",
 }
 
 
 
 def mod(module: str | None) -> str:
+    """How a module reads in evidence: ``None`` -> "the loss code", ``''`` -> "the root module", ``'0.fc'`` ->
+    "`model[0].fc`" (a child of a Sequential root reads as the indexing that reaches it)."""
     if module is None:
-        return "loss code"
-    return f"`{module or '<root>'}`"
+        return "the loss code"
+    if not module:
+        return "the root module"
+    head, _, rest = module.partition(".")
+    if head.isdigit():
+        return f"`model[{head}]" + (f".{rest}`" if rest else "`")
+    return f"`{module}`"
+
+
+def count(n: int, word: str, plural: str | None = None) -> str:
+    """``count(1, "zero")`` -> "1 zero", ``count(67160, "zero")`` -> "67,160 zeros"; NaN/-inf do not inflect."""
+    if n == 1 or word in ("NaN", "Inf", "-inf", "+inf"):
+        return f"{n:,} {word}"
+    return f"{n:,} {plural or word + 's'}"
+
+
+def value(v: float | None) -> str:
+    """A loss or norm as people write it: NaN, inf, 3.42."""
+    if v is None:
+        return "none"
+    return "NaN" if v != v else fmt(v)
+
+
+def nonfinite_counts(nan: int, posinf: int, neginf: int, numel: int | None) -> str:
+    """ "1 Inf among 16,384 values", not "0 NaN, 1 Inf of 16384"."""
+    parts = [count(n, w) for n, w in ((nan, "NaN"), (posinf, "+inf"), (neginf, "-inf")) if n]
+    text = ", ".join(parts) or "no non-finite value"
+    return text + (f" among {numel:,} values" if numel else "")
 
 
 def make(
@@ -246,27 +290,32 @@ def make(
     )
 
 
-def birth_line(b: Birth) -> str:
+def birth_line(b: Birth, parent: Birth | None = None) -> str:
+    """Where the first bad value was born and what its inputs held, as an engineer would say it."""
     out = b.outputs[0] if b.outputs else {}
-    counts = f"{out.get('nan', 0)} NaN, {out.get('posinf', 0)} +inf, {out.get('neginf', 0)} -inf of shape {out.get('shape')}"
+    shape = out.get("shape") or []
+    numel = math.prod(shape) if shape else None
+    counts = nonfinite_counts(out.get("nan", 0), out.get("posinf", 0), out.get("neginf", 0), numel)
     where = f"{b.op} in {mod(b.module)}" if b.op else f"{b.source}"
     if b.phase == "backward":
-        where += f" (backward of {b.forward_op or '?'}, node {b.backward_node})"
-    line = f"first {b.kind} born at {where} [{b.phase}, {b.dtype}]: {counts}"
-    inputs = [i for i in b.inputs if "absmax" in i or "nan" in i]
-    if inputs:
-        parts = []
-        for i in inputs[:3]:
-            bits = [f"absmax {fmt(i.get('absmax'))}"]
-            for key in ("zeros", "negatives", "neginf", "posinf"):
-                if i.get(key):
-                    bits.append(f"{i[key]} {key}")
-            parts.append(f"{i['arg']} " + "/".join(bits))
-        line += "; inputs: " + ", ".join(parts)
+        where += f" (the backward of {b.forward_op or '?'}, {b.backward_node})"
+    line = f"first {'NaN' if b.kind == 'nan' else 'inf'} born at {where} ({b.phase}, {b.dtype}): {counts}"
+    inputs = [i for i in b.inputs if "absmax" in i or "nan" in i][:3]
+    masks = parent is not None and parent.intended
+    for i in inputs:
+        name = "its input" if len(inputs) == 1 else f"its input `{i['arg']}`"
+        held = [count(i[key], word, plural) for key, word, plural in (
+            ("nan", "NaN", None), ("neginf", "-inf", None), ("posinf", "+inf", None), ("zeros", "zero", None),
+            ("negatives", "negative value", None)) if i.get(key)]
+        if held and masks and i.get("neginf"):
+            held[held.index(count(i["neginf"], "-inf"))] += " (mask fills)"
+        largest = f"largest |x| {fmt(i.get('absmax'))}"
+        line += f"; {name} held {', '.join(held)}, {largest}" if held else f"; {name}'s {largest}"
     if b.extra.get("divisor_zeros"):
-        line += f"; divisor zeros {b.extra['divisor_zeros']} (0/0: {b.extra.get('zero_over_zero', 0)})"
+        zz = b.extra.get("zero_over_zero", 0)
+        line += f"; {count(b.extra['divisor_zeros'], 'zero divisor')}" + (f" ({zz:,} of them 0/0)" if zz else "")
     if b.extra.get("nonfinite_rows"):
-        line += f"; rows {b.extra['nonfinite_rows']}"
+        line += f"; batch rows {b.extra['nonfinite_rows']}"
     return line
 
 
@@ -274,11 +323,11 @@ def outcome_line(r: ReplayOutcome) -> str:
     if r.error:
         return f"raised {r.error}"
     grads = (
-        "grads finite"
+        "gradients finite"
         if r.grads_finite
-        else (f"{len(r.grad_nonfinite)} grad(s) non-finite, e.g. `{next(iter(r.grad_nonfinite))}`")
+        else f"{count(len(r.grad_nonfinite), 'gradient')} non-finite (e.g. `{next(iter(r.grad_nonfinite))}`)"
     )
-    return f"loss {fmt(r.loss)}, {grads}, grad norm {fmt(r.total_grad_norm)}"
+    return f"loss {value(r.loss)}, {grads}, grad norm {value(r.total_grad_norm)}"
 
 
 def is_domain(b: Birth) -> bool:

@@ -15,6 +15,7 @@ from nanguard.forensics.rules.facts import (
     Facts,
     batchnorm_evidence,
     birth_line,
+    count,
     domain_fix,
     fmt,
     has_zero_divisor,
@@ -160,17 +161,21 @@ def rule_from_trace(f: Facts) -> Diagnosis | None:
     birth = _culprit(f)
     if birth is None:
         return None
-    trace = _Trace(birth, _parent(f, birth), [birth_line(birth)])
+    parent = _parent(f, birth)
+    trace = _Trace(birth, parent, [birth_line(birth, parent)])
     if trace.parent is not None:
         trace.evidence.append(f"its inputs' inf came from {trace.parent.where()}"
                               + (" (a deliberate mask fill)" if trace.parent.intended else ""))
-    trace.evidence.append(outcome_line(replay))
+    trace.evidence.append(f"the replay: {outcome_line(replay)}")
     if f.fp32 is not None:
-        trace.evidence.append(f"float32 replay: {outcome_line(f.fp32)}")
+        trace.evidence.append(f"the float32 replay: {outcome_line(f.fp32)}")
     for rule in (_born_in_inputs, _born_in_masked_softmax, _born_in_batchnorm):
         diagnosis = rule(f, trace)
         if diagnosis is not None:
             return diagnosis
+    domain = _discarded_domain_birth(f, birth)
+    if domain is not None:
+        return _domain_in_forward(f, domain)
     if birth.phase == "backward":
         fp32_finite = f.fp32 is not None and f.fp32.finite
         return _backward_cause(f, birth, trace.evidence, fp32_finite, birth.dtype in LOW_PRECISION)
@@ -213,7 +218,11 @@ def _born_in_masked_softmax(f: Facts, trace: _Trace) -> Diagnosis | None:
     if not rows or not (parent is None or parent.intended or parent.phase == "input"):
         return None
     batch_rows = birth.extra.get("batch_rows_all_masked")
-    trace.evidence.insert(1, f"{rows} row(s) had every score = -inf (batch rows {batch_rows})")
+    in_rows = ""
+    if isinstance(batch_rows, list) and batch_rows:
+        in_rows = f", in batch row{'s' if len(batch_rows) > 1 else ''} {', '.join(str(r) for r in batch_rows)}"
+    trace.evidence.insert(1, f"{count(rows, 'softmax row')} {'was' if rows == 1 else 'were'} fully masked "
+                             f"(every score -inf){in_rows}")
     return make("masked_softmax_all_masked", birth.phase, confidence=0.95, evidence=trace.evidence, op=trace.op,
                 module=birth.module, tensor=_empty_mask_field(f, batch_rows), reproducible=f.reproduced,
                 fix={"rows": batch_rows})
@@ -277,6 +286,36 @@ def _backward_cause(f: Facts, birth: Birth, evidence: list[str], fp32_finite: bo
                 reproducible=rep, fix=fix)
 
 
+def _discarded_domain_birth(f: Facts, culprit: Birth) -> Birth | None:
+    """A forward ``log(0) = -inf`` that a gather or index dropped before the loss, whose backward made the NaN.
+
+    The first bad value is that forward inf (not a mask fill: nobody asked for it), so the place and the
+    cause are the forward op's: ``invalid_math_domain``, fixed by log_softmax. A ``torch.where`` that
+    discards the branch on purpose is the backward singularity it always was (its fix is a safe branch).
+    """
+    if f.replay is None or not f.replay.loss_finite:
+        return None
+    first = next((b for b in f.births if not b.intended and b.phase != "input"), None)
+    if first is None or first.phase not in ("forward", "loss") or first.kind != "inf" or not is_domain(first):
+        return None
+    if culprit is not first and not (culprit.phase == "backward" and culprit.forward_op == first.op):
+        return None
+    index = first.extra.get("op_index")
+    later = f.forward_ops[index + 1:] if isinstance(index, int) else f.forward_ops
+    if any(name in ("aten::where", "aten::where.self", "aten::masked_fill") for name in later):
+        return None
+    return first
+
+
+def _domain_in_forward(f: Facts, birth: Birth) -> Diagnosis:
+    replay = f.replay
+    assert replay is not None
+    evidence = [birth_line(birth), f"the {birth.kind} never reached the loss (loss {fmt(replay.loss)}), but "
+                f"{birth.op}'s backward turned it into NaN gradients", f"the replay: {outcome_line(replay)}"]
+    return make("invalid_math_domain", birth.phase, confidence=0.9, evidence=evidence, op=birth.op,
+                module=birth.module, reproducible=f.reproduced, fix={"domain_fix": domain_fix(birth)})
+
+
 def rule_absorbed_forward_nan(f: Facts) -> Diagnosis | None:
     """Loss finite, gradients not, and a forward NaN/inf that never reached the loss (torch.where)."""
     replay = f.replay
@@ -285,6 +324,8 @@ def rule_absorbed_forward_nan(f: Facts) -> Diagnosis | None:
     if any(b.phase == "backward" and not b.intended for b in f.births):
         return None
     absorbed = next((b for b in f.births if b.phase in ("forward", "loss") and not b.intended), None)
+    if absorbed is not None and _discarded_domain_birth(f, absorbed) is absorbed:
+        return _domain_in_forward(f, absorbed)
     return _absorbed(f, absorbed) if absorbed is not None else None
 
 
@@ -295,7 +336,7 @@ def _absorbed(f: Facts, absorbed: Birth) -> Diagnosis:
         birth_line(absorbed),
         f"loss {fmt(replay.loss)} is finite: the forward {absorbed.kind} was discarded (e.g. by torch.where), but "
         "its backward multiplies it into the gradient",
-        outcome_line(replay),
+        f"the replay: {outcome_line(replay)}",
     ]
     return make(
         "backward_singularity",

@@ -129,8 +129,11 @@ class Birth:
 
     def where(self) -> str:
         parts = [self.op or self.source or "?"]
-        if self.module is not None:
-            parts.append(f"in `{self.module or '<root>'}`")
+        if self.module == "":
+            parts.append("in the root module")
+        elif self.module is not None:
+            head, _, rest = self.module.partition(".")
+            parts.append(f"in `model[{head}]{'.' + rest if rest else ''}`" if head.isdigit() else f"in `{self.module}`")
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -144,12 +147,24 @@ class ModuleStat:
     act_absmax: float = 0.0
     grad_absmax: float = 0.0
     nonfinite: int = 0
+    forward_nonfinite: int = 0  # op outputs holding NaN/Inf in forward and loss (intended mask fills excluded)
+    backward_nonfinite: int = 0
+    role: str = "clean"  # "birth" | "upstream" | "downstream" | "clean", set by the tracer after the replay
+    first_op: int = -1  # index of the first forward op that ran in the module (to tell upstream from downstream)
     _bits: int = 1 << 30
+
+    def count_nonfinite(self, backward: bool) -> None:
+        """One op output of this module held a NaN/Inf that was not an intended mask fill."""
+        self.nonfinite += 1
+        if backward:
+            self.backward_nonfinite += 1
+        else:
+            self.forward_nonfinite += 1
 
     def see(self, t: torch.Tensor, absmax: float, backward: bool) -> None:
         if not math.isfinite(absmax):
-            self.nonfinite += 1
-        elif backward:
+            return
+        if backward:
             self.grad_absmax = max(self.grad_absmax, absmax)
         else:
             self.act_absmax = max(self.act_absmax, absmax)
@@ -169,6 +184,10 @@ class ModuleStat:
             "act_absmax": self.act_absmax,
             "grad_absmax": self.grad_absmax,
             "nonfinite": self.nonfinite,
+            "forward_nonfinite": self.forward_nonfinite,
+            "backward_nonfinite": self.backward_nonfinite,
+            "role": self.role,
+            "first_op": self.first_op,
         }
 
 

@@ -353,6 +353,16 @@ class OpTracer:
     def _external_birth(self, t: torch.Tensor, flags: _Flags, user: tuple[str, _Context] | None) -> Birth:
         """A tensor that entered the step already non-finite: a parameter, a batch field or a constant."""
         source = self.name_of(t) or "constant"
+        ctx = user[1] if user is not None else None
+        if source == "constant" and ctx is not None and ctx.phase == "backward":
+            # Made inside a composite backward formula by work the tracer cannot see (a fill of a view, C++
+            # internals of LinalgEighBackward0): born in that backward, attributed to its forward op.
+            assert user is not None
+            birth = Birth(index=len(self.births), kind="nan" if flags.nan else "inf", phase="backward",
+                          op=user[0], module=ctx.module, forward_op=ctx.forward_op, backward_node=ctx.backward_node,
+                          dtype=dtype_name(t.dtype), outputs=[summarize(t)], extra={"made_inside_backward": True})
+            self._add_birth(birth)
+            return birth
         birth = Birth(
             index=len(self.births),
             kind="nan" if flags.nan else "inf",
@@ -389,8 +399,11 @@ class OpTracer:
             return
         values = absmax_values(outs)
         backward = ctx.phase == "backward"
+        stat = None
         if ctx.module is not None:
             stat = self.module_stats.setdefault(ctx.module, ModuleStat(ctx.module))
+            if stat.first_op < 0 and not backward:
+                stat.first_op = len(self.forward_ops) - 1
             for t, v in zip(outs, values, strict=True):
                 stat.see(t, v, backward)
         for t in outs:
@@ -423,6 +436,10 @@ class OpTracer:
             finite = math.isfinite(v)
             self._flags[t] = _Flags(t._version, math.isnan(v), math.isinf(v), None if finite else origin)
         self.last_nonfinite_origin[ctx.phase] = origin
+        intended = origin is not None and 0 <= origin < len(self.births) and self.births[origin].intended
+        if stat is not None and not (intended and not out_nan):
+            for _ in bad:
+                stat.count_nonfinite(backward)
 
     def _op_birth(
         self,
@@ -445,12 +462,14 @@ class OpTracer:
             dtype=dtype_name(outs[0].dtype),
             scalars=dict(bound.scalars),
         )
+        if ctx.phase != "backward":
+            birth.extra["op_index"] = len(self.forward_ops) - 1
         # A non-finite scalar written into finite data is a deliberate fill (a mask), not an accident.
         birth.intended = kind == "inf" and any(v in ("inf", "-inf") for v in bound.scalars.values())
         try:
             birth.outputs = [summarize(t) for t in outs[:2]]
             birth.inputs = [summarize(t, arg) for arg, t, role in bound.tensors[:6] if role != "write"]
-            birth.extra = op_extra(name, bound.by_name(), bound.scalars, outs)
+            birth.extra = {**birth.extra, **op_extra(name, bound.by_name(), bound.scalars, outs)}
         except Exception as exc:  # summaries are a courtesy: never let them break the replay
             birth.extra["summary_error"] = f"{type(exc).__name__}: {exc}"[:200]
         self._add_birth(birth)
