@@ -152,6 +152,13 @@ _ENTRIES = (
         "backward_overflow", "a gradient overflowed fp16/bf16", "op", "backward",
         "Use a GradScaler (or lower its init_scale) so fp16 gradients stay in range; or use bfloat16.",
         "Run {module} in float32 under autocast; lower the learning rate if gradients keep growing.",
+        # The GradScaler was there and the replay ran at loss scale 1: the values are too large for fp16 as
+        # they are, so a scaler setting cannot help.
+        variants={"scaled": (
+            "The gradients of {module} overflow float16 even at loss scale 1, so no GradScaler setting helps: "
+            "normalise the inputs feeding it, or train in bfloat16.",
+            "Run {module} in float32 under autocast; lower the learning rate if gradients keep growing.",
+        )},
     ),
     _cause(
         "gradient_explosion", "gradients grew far past their running scale", "driver", "backward",

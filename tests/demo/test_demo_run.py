@@ -71,17 +71,19 @@ def test_nan_in_the_data_is_skipped_and_blamed_on_the_batch_field(demo) -> None:
     assert event["diagnosis"]["tensor"] == "loss_mask"
 
 
-def test_lr_spike_is_rolled_back_and_the_lr_backed_off(demo) -> None:
+def test_lr_spike_is_named_rolled_back_to_before_it_and_the_lr_held(demo) -> None:
     fault = _fault(demo, "lr_spike")
     first_spiked_update = fault["injected_at"][0]
     events = _events_at(demo, first_spiked_update + 1, FAULT_REACH - 1)
     assert events, "the damage of the spiked update shows in the loss/gradients of the next steps"
-    assert events[0]["step"] == first_spiked_update + 1
-    assert events[0]["trigger"] in ("loss_spike", "grad_spike")
-    rollback = next(e for e in events if e["action"] == "rollback")
-    assert rollback["details"]["lr_multiplier"] < 1.0
-    # Forensics names a spike cause; it cannot yet point at the learning rate itself (no LR history).
-    assert rollback["diagnosis"]["cause"] in ("loss_spike", "gradient_explosion")
+    first = events[0]
+    assert first["step"] == first_spiked_update + 1
+    assert first["trigger"] in ("loss_spike", "grad_spike")
+    assert (first["action"], first["diagnosis"]["cause"]) == ("rollback", "learning_rate_spike")
+    assert fault["expected_cause"] == "learning_rate_spike"
+    assert f"before the update at step {first_spiked_update}" in first["details"]["reason"]
+    assert "held at its earlier level" in first["details"]["reason"]
+    assert len(events) == 1, "one event for the spike: the pinned LR keeps the next steps healthy"
 
 
 def test_corrupted_weight_is_rolled_back_and_named(demo) -> None:

@@ -45,7 +45,7 @@ def test_scale_independent_nan_is_traced_to_sqrt_at_the_first_skip(tmp_path):
     d = first["diagnosis"]
     assert (first["step"], first["trigger"], d["cause"], d["op"]) == (0, "nonfinite_grad", "backward_singularity",
                                                                        "aten::sqrt")
-    assert "loss scale at 1" in d["evidence"][0] and "not an overflow" in d["evidence"][0]
+    assert "loss scale at 1" in d["evidence"][0] and "lowering it cannot help" in d["evidence"][0]
     assert any("SqrtBackward0" in line for line in d["evidence"])
     assert "sqrt(x + eps)" in d["fixes"][0]
     assert all(e["diagnosis"]["cause"] != "backward_overflow" for e in events)
@@ -82,3 +82,17 @@ def test_unit_scale_of_a_disabled_scaler_does_nothing(enabled):
     assert scale_tensor(scaler) is None
     with unit_scale(scaler):
         pass
+
+
+def test_an_overflow_that_survives_loss_scale_1_is_not_told_to_use_a_grad_scaler(tmp_path):
+    """Raw counts in fp16: the gradients overflow at any scale, with the GradScaler already there."""
+    from nanguard.zoo.scenarios import mlp_fp16_raw_counts_grad_overflow as scenario
+
+    def attach(model, optimizer, *, scheduler, scaler):
+        return nanguard.Guard(model, optimizer, scaler=scaler, out_dir=tmp_path, console=False, report=False)
+
+    scenario.main(attach=attach, steps=2)
+    d = read_events(tmp_path)[0]["diagnosis"]
+    assert d["cause"] == "backward_overflow"
+    assert not any("Use a GradScaler" in fix for fix in d["fixes"])
+    assert "even at loss scale 1" in d["fixes"][0] and "input_layer" in d["fixes"][0]

@@ -69,7 +69,7 @@ class FaultPlan:
                   "input_nonfinite"),
             Fault(LR_SPIKE, self.lr_spike_step,
                   f"a learning-rate spike: a scheduler bug multiplies the LR by {LR_SPIKE_FACTOR:g} at schedule {window}",
-                  "loss_spike"),
+                  "learning_rate_spike"),
             Fault(CORRUPT_WEIGHT, self.corrupt_weight_step,
                   f"a corrupted weight: an inf is written into {CORRUPTED_MODULE}.weight between two steps",
                   "weights_nonfinite"),

@@ -23,7 +23,7 @@ from nanguard.forensics import replay as replaying
 from nanguard.forensics.replay import LOW_PRECISION, ReplayOutcome, float32_mode, low_precision_tensors
 from nanguard.forensics.request import InvestigationRequest, StepCapture
 from nanguard.forensics.rules import Facts, diagnose
-from nanguard.forensics.scale import at_unit_scale
+from nanguard.forensics.scale import at_unit_scale, scale_tensor
 from nanguard.forensics.trace import OpTracer
 from nanguard.state import SavedState, Subjects
 
@@ -39,7 +39,7 @@ class Investigation:
 def investigate(request: InvestigationRequest) -> Investigation:
     """Diagnose one bad step. Never raises; restores every piece of state it may have disturbed."""
     start = time.perf_counter()
-    facts = Facts()
+    facts = Facts(under_scaler=scale_tensor(request.scaler) is not None)
     details: dict[str, Any] = {}
     state: SavedState | None = None
     try:

@@ -108,8 +108,8 @@ def _evidence(outcome: replaying.ReplayOutcome, scale: float) -> list[str]:
     name, counts = next(iter(bad.items()))
     return [f"GradScaler skipped this step (scale {scale:.4g}); replayed with the loss scale at 1, the gradients are "
             f"still non-finite ({len(bad)} tensor(s), e.g. `{name}`: {counts['nan']} NaN, {counts['inf']} inf of "
-            f"{counts['numel']}): not an overflow, so lowering the scale cannot help and the scaler would skip every "
-            "step like this one while the weights never move"]
+            f"{counts['numel']}): the loss scale is not what makes them non-finite, so lowering it cannot help and the "
+            "scaler would skip every step like this one while the weights never move"]
 
 
 __all__ = ["ScaleTest", "at_unit_scale", "scale_tensor", "unit_scale", "unit_scale_replay"]

@@ -282,8 +282,9 @@ def _backward_cause(f: Facts, birth: Birth, evidence: list[str], fp32_finite: bo
         cause, confidence, fix = "gradient_explosion", 0.75, None
     else:
         cause, confidence, fix = "backward_singularity", 0.6, singular_fix
+    variant = "scaled" if cause == "backward_overflow" and f.under_scaler else None
     return make(cause, "backward", confidence=confidence, evidence=evidence, op=fwd or birth.op, module=birth.module,
-                reproducible=rep, fix=fix)
+                reproducible=rep, fix=fix, variant=variant)
 
 
 def _discarded_domain_birth(f: Facts, culprit: Birth) -> Birth | None:
