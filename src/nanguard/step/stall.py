@@ -62,8 +62,14 @@ class _Probe:
     has_grad: list[torch.Tensor]
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded (FSDP2 ``DTensor``) parameter or gradient as this rank's shard: each rank samples its own."""
+    to_local = getattr(tensor, "to_local", None)
+    return cast(torch.Tensor, to_local()) if callable(to_local) else tensor
+
+
 def _view(tensor: torch.Tensor, stride: int) -> torch.Tensor:
-    return tensor.detach().view(-1)[::stride][:SAMPLE]
+    return _local(tensor).detach().view(-1)[::stride][:SAMPLE]
 
 
 class StallWatch:
@@ -125,10 +131,12 @@ class StallWatch:
                 continue  # no update is asked for (a warm-up's first step, a frozen group): nothing can round away
             for p in group["params"]:
                 g = p.grad
-                if (g is None or p.dtype not in _BITS or g.is_sparse or g.shape != p.shape
-                        or not p.is_contiguous() or not g.is_contiguous()):
+                if g is None or p.dtype not in _BITS or g.is_sparse:
                     continue
-                keys.setdefault((index, p.dtype), []).append((p, max(1, p.numel() // SAMPLE)))
+                local, local_grad = _local(p), _local(g)
+                if local.shape != local_grad.shape or not local.is_contiguous() or not local_grad.is_contiguous():
+                    continue
+                keys.setdefault((index, p.dtype), []).append((p, max(1, local.numel() // SAMPLE)))
         if not keys:
             return None
         with torch.no_grad():
