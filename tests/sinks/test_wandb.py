@@ -15,7 +15,7 @@ import wandb
 from nanguard.sinks import optional_sinks
 from nanguard.sinks.wandb_sink import WandbSink
 
-from .wandb_records import artifacts, final_summary, history_rows, read_records, run_file
+from .wandb_records import artifacts, final_summary, finished_records, history_rows
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def test_an_active_user_run_gets_nanguard_values_without_its_steps_moving(offlin
         assert wandb.run is run  # the user's run is still theirs, still open
     finally:
         run.finish()
-    records = read_records(run_file(tmp_path))
+    records = finished_records(tmp_path)
     rows = history_rows(records)
     user_rows = [r for r in rows if "user/accuracy" in r]
     assert [r["_step"] for r in user_rows] == ["0", "10", "20", "30", "40"]
@@ -79,7 +79,7 @@ def test_without_an_active_run_it_starts_and_finishes_its_own(offline: Path) -> 
         sink.on_step({"step": step, "loss": 1.0 / (step + 1), "grad_norm": 0.5})
     sink.close({"steps": 3})
     assert wandb.run is None  # finished: nothing left behind in the user's process
-    rows = history_rows(read_records(run_file(offline)))
+    rows = history_rows(finished_records(offline))
     assert [r["nanguard/step"] for r in rows if "nanguard/loss" in r] == ["0", "1", "2"]
 
 

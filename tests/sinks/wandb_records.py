@@ -8,6 +8,7 @@ number, a version), then 32 KiB blocks of chunks, each with a 7-byte header (CRC
 from __future__ import annotations
 
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,3 +64,17 @@ def artifacts(records: list[Any]) -> list[Any]:
 def run_file(root: Path) -> Path:
     (path,) = root.glob("wandb/offline-run-*/run-*.wandb")
     return path
+
+
+def finished_records(root: Path, patience: float = 60.0) -> list[Any]:
+    """The records of the offline run under ``root`` once W&B's writer process has written the run's end.
+
+    ``finish()`` returns when the user process is done; the writer (a separate service process) may still be
+    flushing on a loaded machine, so read again until the exit record is there (or ``patience`` runs out).
+    """
+    deadline = time.monotonic() + patience
+    while True:
+        records = read_records(run_file(root))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
