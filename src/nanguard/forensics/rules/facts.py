@@ -196,11 +196,11 @@ class Facts:
 
 
 DOMAIN_FIXES = {
-    "aten::log": "its input had {zeros} zero(s) and {negatives} negative value(s); use `torch.log(x.clamp_min(eps))` "
+    "aten::log": "its input had {zeros} and {negatives}; use `torch.log(x.clamp_min(eps))` "
     "or log_softmax instead of log(softmax).",
-    "aten::div": "the divisor had {divisor_zeros} zero(s) ({zero_over_zero} of them 0/0); divide by "
+    "aten::div": "the divisor had {divisor_zeros} ({zero_over_zero} of them 0/0); divide by "
     "`den.clamp_min(1)` (masked mean: `x.sum() / mask.sum().clamp_min(1)`).",
-    "aten::sqrt": "its input had {negatives} negative value(s); use `torch.sqrt(x.clamp_min(0) + eps)`.",
+    "aten::sqrt": "its input had {negatives}; use `torch.sqrt(x.clamp_min(0) + eps)`.",
     "aten::pow": "negative base with a fractional exponent or 0 to a negative power; clamp the base.",
     "aten::acos": "clamp its input to [-1 + eps, 1 - eps].",
     "aten::asin": "clamp its input to [-1 + eps, 1 - eps].",
@@ -361,12 +361,17 @@ def domain_fix(b: Birth) -> str:
     template = DOMAIN_FIXES.get(
         (b.op or "").rstrip("_"), "keep its input inside the domain (clamp, add eps)."
     )
-    values: dict[str, Any] = {
-        "divisor_zeros": b.extra.get("divisor_zeros", "?"),
-        "zero_over_zero": b.extra.get("zero_over_zero", "?"),
-    }
+    def counted(n: Any, word: str, plural: str | None = None) -> str:
+        return count(n, word, plural) if isinstance(n, int) else f"? {plural or word + 's'}"
+
     first = b.inputs[0] if b.inputs else {}
-    values.update(zeros=first.get("zeros", "?"), negatives=first.get("negatives", "?"))
+    zero_over_zero = b.extra.get("zero_over_zero")
+    values: dict[str, Any] = {
+        "divisor_zeros": counted(b.extra.get("divisor_zeros"), "zero"),
+        "zero_over_zero": f"{zero_over_zero:,}" if isinstance(zero_over_zero, int) else "?",
+        "zeros": counted(first.get("zeros", 0), "zero"),
+        "negatives": counted(first.get("negatives", 0), "negative value"),
+    }
     return fill(template, values)
 
 
