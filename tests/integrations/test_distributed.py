@@ -128,18 +128,49 @@ def test_a_crash_on_rank1_is_recorded_by_rank1_with_its_diagnosis(tmp_path: Path
         assert json.loads((tmp_path / "out" / "summary.json").read_text())["status"] != "finished"
 
 
-def test_lightning_ddp_strategy_on_two_cpu_processes(tmp_path: Path) -> None:
-    """Issue 17 item 5: Lightning ``strategy="ddp"``: one event with rank 1's diagnosis, identical weights."""
+@pytest.fixture(scope="module")
+def lightning_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One 2-rank launch of ``lightning_ddp_train.py`` (DDP and FSDP2 fits) shared by the Lightning tests."""
     pytest.importorskip("lightning.pytorch")
+    out = tmp_path_factory.mktemp("lightning")
     script = Path(__file__).resolve().parent / "lightning_ddp_train.py"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
-               "--out", str(tmp_path)]
+               "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
+    done = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
                           start_new_session=True, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
-    weights = [torch.load(tmp_path / f"weights{r}.pt") for r in range(2)]
-    assert_identical(weights)
-    events = read_events(tmp_path / "nanguard")
+    return out
+
+
+def lightning_weights(out: Path, name: str) -> list[dict[str, torch.Tensor]]:
+    return [torch.load(out / f"{name}_weights{r}.pt") for r in range(2)]
+
+
+def assert_one_skip_at_step5_by_rank1(run_dir: Path) -> None:
+    events = read_events(run_dir)
     assert [(e["step"], e["rank"], e["trigger"], e["action"]) for e in events] == [(5, 1, "nonfinite_loss", "skip")]
     assert events[0]["diagnosis"]["cause"] == "input_nonfinite"
+
+
+def test_lightning_ddp_strategy_on_two_cpu_processes(lightning_runs: Path) -> None:
+    """Issue 17 item 5: Lightning ``strategy="ddp"``: one event with rank 1's diagnosis, identical weights."""
+    assert_identical(lightning_weights(lightning_runs, "ddp"))
+    assert_one_skip_at_step5_by_rank1(lightning_runs / "ddp")
+
+
+def test_lightning_fsdp2_model_parallel_strategy_on_two_cpu_processes(lightning_runs: Path) -> None:
+    """Issue 17 item 5: FSDP2 through Lightning (``ModelParallelStrategy``, ``fully_shard`` in ``configure_model``).
+
+    A healthy fit is bit-identical with and without the callback; a NaN on rank 1 at batch 5 is one skip at
+    Lightning's step 5 with rank 1's diagnosis, and both ranks end with equal weights.
+    """
+    plain, healthy, faulty = (lightning_weights(lightning_runs, f"fsdp2_{name}") for name in ("plain", "healthy", "nan"))
+    for weights in (plain, healthy, faulty):
+        assert_identical(weights)
+    assert all(torch.equal(plain[0][name], healthy[0][name]) for name in plain[0])
+    assert not all(torch.equal(plain[0][name], faulty[0][name]) for name in plain[0])  # step 5 was really skipped
+    assert read_events(lightning_runs / "fsdp2_healthy") == []
+    assert_one_skip_at_step5_by_rank1(lightning_runs / "fsdp2_nan")
+    history = (lightning_runs / "fsdp2_nan" / "history.csv").read_text().splitlines()[1:]
+    assert [int(row.split(",")[0]) for row in history] == list(range(10))  # Lightning's global_step, one row a step

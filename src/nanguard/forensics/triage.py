@@ -100,8 +100,11 @@ def _from_trigger(signals: Signals) -> Diagnosis:
     if signals.trigger == "divergence":
         return make("divergence", "optimizer", confidence=0.6, evidence=["the loss has been trending upward over many steps"])
     phase = {"nonfinite_loss": "forward", "nonfinite_grad": "backward"}.get(signals.trigger, "unknown")
+    checked = ("checked: weights, optimizer state and batch are finite" if signals.batch else
+               "checked: weights and optimizer state are finite; the batch was not checked (none reached the "
+               "model's forward call)")
     return make("unknown", phase, confidence=0.1, variant="no_replay",
-                evidence=["checked: weights, optimizer state and batch are finite; no replay was run to trace operators"])
+                evidence=[f"{checked}; no replay was run to trace operators"])
 
 
 __all__ = ["Signals", "quick_diagnosis"]
