@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from nanguard.causes import CAUSES as REGISTRY
 from nanguard.events import CAUSES
 from nanguard.forensics.replay import ReplayOutcome
@@ -47,3 +49,14 @@ def test_nondeterministic_needs_a_nonfinite_trigger() -> None:
     finite = ReplayOutcome(label="plain", loss=1.0)
     assert diagnose(Facts(trigger="nonfinite_loss", plain=finite)).cause == "nondeterministic"
     assert diagnose(Facts(trigger="loss_spike", plain=finite, loss=9.0)).cause == "loss_spike"
+
+
+@pytest.mark.parametrize("batch_checked", [True, False])
+def test_a_loss_spike_claims_a_clean_batch_only_when_a_batch_was_checked(batch_checked: bool) -> None:
+    facts = Facts(trigger="loss_spike", loss=9.0, batch_checked=batch_checked,
+                  plain=ReplayOutcome(label="plain", loss=9.0))
+    d = diagnose(facts)
+    assert d.cause == "loss_spike"
+    claims_clean = any("batch finite" in line for line in d.evidence)
+    says_unchecked = any("batch was not checked" in line for line in d.evidence)
+    assert (claims_clean, says_unchecked) == (batch_checked, not batch_checked)

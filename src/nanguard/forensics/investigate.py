@@ -102,7 +102,9 @@ def _gather(
     }
     facts.extreme_scale = checks.batch_scale(batch, request.batch_scale_history)
     details["batch_absmax"] = checks.batch_absmax(batch)
-    facts.checked += ["batch finite", "batch scale"]
+    facts.batch_checked = any(isinstance(v, torch.Tensor) for v in batch.values())
+    if facts.batch_checked:
+        facts.checked += ["batch finite", "batch scale"]
     # State.
     facts.weights = checks.state_nonfinite(params, "parameter") + checks.state_nonfinite(
         state.subjects.named_buffers(), "buffer"
@@ -306,6 +308,9 @@ def _check_table(facts: Facts) -> list[dict[str, Any]]:
         ("optimizer eps representable", not facts.eps_underflow, facts.eps_underflow),
     ]
     out = [{"name": n, "ok": ok, "found": found} for n, ok, found in rows]
+    if not facts.batch_checked:  # nothing reached the model's recorded call: say so rather than "ok"
+        for row in out[:4]:
+            row.update(ok=None, found="not checked: no batch was recorded for this step")
     if facts.update_sim is not None:
         became = facts.update_sim.get("became_nonfinite", [])
         out.append({"name": "simulated update finite", "ok": not became, "found": became})

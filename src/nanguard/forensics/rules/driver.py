@@ -107,7 +107,8 @@ def _gradient_explosion(f: Facts) -> Diagnosis:
     top = top_grad(f)
     if top:
         evidence.append(top)
-    evidence.append("batch values finite and in their usual range")
+    evidence.append("batch values finite and in their usual range" if f.batch_checked
+                    else "the batch was not checked (none reached the model's recorded call)")
     name = top_grad_name(f)
     module = name.rsplit(".", 1)[0] if name and "." in name else None
     return make("gradient_explosion", "backward", confidence=0.8, evidence=evidence, tensor=name, module=module,
@@ -119,8 +120,9 @@ def _loss_spike(f: Facts) -> Diagnosis:
     evidence = ([f"loss {fmt(f.loss)} vs running mean {fmt(s.get('mean'))} ({fmt(s.get('ratio'))}x, "
                  f"z={fmt(s.get('z'))})"] if s else [f"loss {fmt(f.loss)}"])
     ran = f.replay is not None and f.replay.error is None
-    evidence.append("batch finite, labels in range, no input scale jump"
-                    + (", no non-finite op in the replay" if ran else "; no replay ran, so no operator was checked"))
+    data = ("batch finite, labels in range, no input scale jump" if f.batch_checked
+            else "the batch was not checked (none reached the model's recorded call)")
+    evidence.append(data + (", no non-finite op in the replay" if ran else "; no replay ran, so no operator was checked"))
     return make("loss_spike", "loss", confidence=0.7, evidence=evidence, reproducible=f.reproduced,
                 fix={"ratio": fmt(s.get("ratio"))})
 

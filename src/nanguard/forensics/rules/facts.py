@@ -165,6 +165,8 @@ class Facts:
     batchnorm_training: list[str] = field(default_factory=list)
     error_context: dict[str, Any] | None = None
     low_precision: list[str] = field(default_factory=list)
+    # A batch was recorded and checked (False: no tensor reached the recorded call, so nothing about the data).
+    batch_checked: bool = False
     # An enabled GradScaler was in use: every replay ran at loss scale 1, so the scale did not cause an overflow.
     under_scaler: bool = False
     loss_spike: dict[str, float] | None = None
