@@ -84,6 +84,11 @@ def test_lr_spike_is_named_rolled_back_to_before_it_and_the_lr_held(demo) -> Non
     assert f"before the update at step {first_spiked_update}" in first["details"]["reason"]
     assert "held at its earlier level" in first["details"]["reason"]
     assert len(events) == 1, "one event for the spike: the pinned LR keeps the next steps healthy"
+    diagnosis = first["diagnosis"]
+    assert diagnosis["fixes"][0].startswith(f"Check the learning-rate schedule around step {first_spiked_update}")
+    assert not any("Inspect the samples" in fix for fix in diagnosis["fixes"])  # the batch is not the problem
+    assert len(diagnosis["evidence"]) == len(set(diagnosis["evidence"])) and len(set(diagnosis["fixes"])) == len(
+        diagnosis["fixes"])
 
 
 def test_corrupted_weight_is_rolled_back_and_named(demo) -> None:

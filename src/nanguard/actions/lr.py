@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from nanguard import patches
+from nanguard.causes import fixes_for
 from nanguard.config import GuardConfig
 from nanguard.events import Diagnosis
 
@@ -147,17 +148,20 @@ class LearningRate:
         return last_step, last_lr, typical
 
     def blame(self, step: int, diagnosis: Diagnosis) -> None:
-        """The last update damaged the weights: if its learning rate jumped, that is the story to tell."""
+        """The last update damaged the weights: if its learning rate jumped, that is the story to tell.
+
+        The spike's own words (loss far above its level, "inspect the samples") are replaced, not added to:
+        the batch is not what to look at. Calling it again for the same step changes nothing.
+        """
         found = self.jump(step)
-        if found is None:
+        if found is None or diagnosis.cause == "learning_rate_spike":
             return
         last_step, last_lr, typical = found
         diagnosis.cause = "learning_rate_spike"
         diagnosis.phase = "optimizer"
         diagnosis.evidence.insert(0, f"the update at step {last_step} used lr={last_lr:.4g}, {last_lr / typical:.3g}x the "
                                      f"median lr {typical:.4g} of the steps before it: a learning-rate spike")
-        diagnosis.fixes.insert(0, f"check the learning-rate schedule around step {last_step} (a warm-up or restart "
-                                  "multiplier applied twice, a per-epoch scheduler stepped per batch, a wrong lambda)")
+        diagnosis.fixes = fixes_for("learning_rate_spike", step=last_step)
         diagnosis.confidence = max(diagnosis.confidence, 0.8)
 
     def state_dict(self) -> dict[str, Any]:
