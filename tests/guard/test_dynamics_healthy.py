@@ -243,3 +243,37 @@ def test_a_curriculum_switch_is_one_level_shift_and_nothing_else(tmp_path):
     events = read_events(tmp_path)
     assert [(e["step"], e["diagnosis"]["cause"], e["action"]) for e in events] == [(150, "level_shift", "none")]
     assert losses[-1] < 0.2 * losses[150]
+
+
+def _label_switch(out: Any) -> tuple[nn.Module, list[float]]:
+    """Classes relabelled (y -> y + 2 mod 4) from step 60 on: the loss jumps from ~0.6 to ~2.5, 4x its recent
+    highs but under a spike limit that the warm-up's fast drop inflated."""
+    torch.manual_seed(0)
+    x, y = _data()
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    guard = nanguard.Guard(model, opt, out_dir=out, console=False, report=False) if out is not None else None
+    rng = torch.Generator().manual_seed(1)
+    losses = []
+    for step in range(100):
+        idx = torch.randint(0, x.shape[0], (32,), generator=rng)
+        loss = F.cross_entropy(model(x[idx]), (y[idx] + 2) % 4 if step >= 60 else y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    if guard is not None:
+        guard.close()
+    return model, losses
+
+
+def test_a_data_switch_under_the_spike_limit_is_one_level_shift_and_nothing_changes(tmp_path):
+    """Regression (real-code nanogpt/data_switch_at_60): a jump to a new level that the spike test let through
+    was never recorded. Now it is one level_shift at the switch, action none, and the run stays bit-identical."""
+    plain, losses = _label_switch(None)
+    guarded, _ = _label_switch(tmp_path)
+    assert min(losses[60:63]) > 2.0 * max(losses[44:60])
+    events = read_events(tmp_path)
+    assert [(e["step"], e["diagnosis"]["cause"], e["action"]) for e in events] == [(60, "level_shift", "none")]
+    for (name, p), q in zip(plain.state_dict().items(), guarded.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name

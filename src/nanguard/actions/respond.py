@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nanguard.actions.divergence import DivergenceWatch
+from nanguard.actions.level import BEFORE, RATIO, LevelWatch
 from nanguard.actions.lr import LearningRate
 from nanguard.actions.policy import Action, Decision, EscalationPolicy
 from nanguard.actions.rollback import Rollback
-from nanguard.causes import DATA_CAUSES, STATE_CAUSES
+from nanguard.causes import DATA_CAUSES, STATE_CAUSES, fixes_for
 from nanguard.config import GuardConfig
 from nanguard.errors import CheckpointError, TrainingAborted
 from nanguard.events import Diagnosis, Event
@@ -78,6 +79,7 @@ class Responder:
         self.forced_skips = 0
         self.aborted = False
         self.held: list[Event] = []  # spike events held back while a level shift may be under way
+        self.level = LevelWatch()  # a jump to a new level that the spike test let through
 
     # ------------------------------------------------------------------ good steps
     def on_good(self, verdict: Verdict, context: StepContext) -> None:
@@ -97,6 +99,7 @@ class Responder:
         self._row(verdict, Action.CLIP.value if verdict.clipped else Action.NONE.value, "")
         p.rollback.on_good_step(verdict.step)
         if verdict.loss is not None:
+            self._watch_level(verdict, verdict.loss)
             line = p.divergence.observe(verdict.loss)
             if line is not None:
                 self.on_bad(verdict, StepContext(verdict.step, verdict.limits, context.has_loss), trigger="divergence",
@@ -234,6 +237,7 @@ class Responder:
         p.policy.on_good_step()
         p.detector.rebaseline()
         p.divergence.rebaseline()
+        self.level.rebaseline()
         self.streak_start = None
         steps = [e.step for e in held] + [verdict.step]
         event = Event(step=first, trigger=held[0].trigger if held else "loss_spike", action=Action.NONE.value,
@@ -242,6 +246,27 @@ class Responder:
                                             "level persisted; training continues on it", "held_steps": steps})
         self._emit(event)
         self._row(verdict, Action.SKIP.value, event.trigger)
+
+    def _watch_level(self, verdict: Verdict, loss: float) -> None:
+        """Record a level shift the spike test let through (see :mod:`nanguard.actions.level`): the updates
+        went through, so the event says so (action none) and only the statistics start afresh."""
+        p = self.parts
+        shift = self.level.observe(verdict.step, loss, warm=p.detector.loss.warm)
+        if shift is None or p.lr.jump(shift.step) is not None:  # a loss jump right after an LR jump is no data switch
+            return
+        diagnosis = Diagnosis(cause="level_shift", phase="loss", confidence=0.6, fixes=fixes_for("level_shift", step=shift.step))
+        diagnosis.evidence.append(
+            f"the loss moved from about {shift.before:.4g} (mean of the {BEFORE} steps before) to {shift.after:.4g} at "
+            f"step {shift.step}: each of {shift.steps} steps in a row was over {RATIO:g}x the highest loss of those "
+            f"{BEFORE}, finite and not growing. Accepted as the new normal level (no update was skipped); the spike "
+            "statistics start afresh on it")
+        p.detector.rebaseline()
+        p.divergence.rebaseline()
+        steps = list(range(shift.step, verdict.step + 1))
+        self._emit(Event(step=shift.step, trigger="loss_spike", action=Action.NONE.value, diagnosis=diagnosis,
+                         loss=loss, grad_norm=verdict.grad_norm, lr=p.lr.current(), rank=p.rank,
+                         details={"reason": f"the loss stayed on its new level for {shift.steps} steps; training "
+                                  "continues on it", "level_steps": steps, "level_before": shift.before}))
 
     def release_held(self) -> None:
         """Write the spike events held back for a level shift that did not come."""
@@ -266,6 +291,7 @@ class Responder:
             if snap is not None and "detector" in snap.extra:
                 p.detector.load_state_dict(snap.extra["detector"])
             p.tally.rollbacks += 1
+            self.level.rebaseline()
             p.policy.after_rollback()
             self.forced_skips = p.config.skip_after_rollback
         elif decision.action is Action.SKIP:
@@ -336,13 +362,15 @@ class Responder:
         })
 
     def state_dict(self) -> dict[str, Any]:
-        return {"streak_start": self.streak_start, "scaler_streak": self.scaler_streak, "forced_skips": self.forced_skips}
+        return {"streak_start": self.streak_start, "scaler_streak": self.scaler_streak, "forced_skips": self.forced_skips,
+                "level": self.level.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         start = state.get("streak_start")
         self.streak_start = int(start) if start is not None else None
         self.scaler_streak = int(state.get("scaler_streak", 0))
         self.forced_skips = int(state.get("forced_skips", 0))
+        self.level.load_state_dict(state.get("level", {}))
 
 
 __all__ = ["Parts", "Responder", "StepContext"]
