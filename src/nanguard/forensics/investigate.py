@@ -168,6 +168,12 @@ def _replays(replay: _Replay, facts: Facts, details: dict[str, Any]) -> None:
         facts.fp32 = replay.run("float32", lambda: float32_mode(tensors))
         runs.append(facts.fp32)
         facts.checked.append("float32 counterfactual")
+        if facts.fp32.error is None:
+            facts.fp32_loss_level = checks.spike_evidence(facts.fp32.loss, request.loss_history,
+                                                          request.spike_stats, "loss")
+            facts.fp32_grad_level = checks.spike_evidence(facts.fp32.total_grad_norm if facts.fp32.grad_norms
+                                                          else None, request.grad_norm_history,
+                                                          request.spike_stats, "grad_norm")
     if runs and all(r.error is None and r.loss is None and not r.grad_norms for r in runs):
         facts.failures.append("replay: the recorded step gave no loss and no gradient, so it reproduced nothing "
                               "(the step's backward was not recorded)")
