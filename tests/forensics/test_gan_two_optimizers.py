@@ -80,3 +80,25 @@ def test_nan_real_image_fed_to_the_discriminator_is_input_nonfinite(tmp_path, cl
     assert (d["cause"], d["phase"], d["reproducible"]) == ("input_nonfinite", "data", True)
     failures = event["details"]["failures"]
     assert any("closure given to optimizer.step() re-ran nothing" in f for f in failures) == closure
+
+
+def test_previous_batch_check_with_a_do_nothing_closure_does_not_blame_the_weights(tmp_path):
+    """The previous-batch re-run went through the closure too: no loss came back, which read as 'nan on the
+    current weights, so the weights were damaged by the last update' (and a rollback). It re-runs the
+    recorded calls instead: the previous batch is fine, this batch is the problem."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = nanguard.Guard(model, opt, out_dir=tmp_path, console=False, report=False)
+    xs = torch.randn(5, 16, 8)
+    for step, x in enumerate(xs):
+        p = torch.sigmoid(model(x))
+        loss = -torch.log(p * (0.0 if step == 3 else 1.0) + (0.0 if step == 3 else 1e-6)).mean()  # log(0) at step 3
+        opt.zero_grad()
+        loss.backward()
+        opt.step(lambda: None)
+    guard.close()
+    event = read_events(tmp_path)[0]
+    assert (event["step"], event["diagnosis"]["cause"], event["action"]) == (3, "invalid_math_domain", "skip")
+    evidence = " ".join(event["diagnosis"]["evidence"])
+    assert "this batch, not the weights, is the problem" in evidence and "damaged" not in evidence
