@@ -146,6 +146,9 @@ class ForwardCall:
     # Called while ``head``'s loss region was open (a second root, or the same model again before backward):
     # the call is replayed from ``head``'s recorded ops, in order, with its outputs bound to slots there.
     head: ForwardCall | None = None
+    # Its loss region ended in a backward() that reached none of this guard's parameters (another optimizer's
+    # loss, e.g. a GAN's generator step): it added nothing to this step's gradients, so it is not replayed.
+    foreign: bool = False
 
 
 class _CallMarker:
@@ -246,10 +249,12 @@ class StepRecorder:
             call.loss_slot = slot if isinstance(slot, _Slot) else None
         call.backward_gradient = gradient
 
-    def stop_recording(self) -> None:
+    def stop_recording(self, foreign: bool = False) -> None:
+        """End the open loss region; ``foreign``: it ended in a backward() that is not this guard's."""
         call, self._active = self._active, None
         if call is not None and call.recorder is not None:
             _deactivate(call.recorder)
+            call.foreign = foreign
 
     def take(self) -> list[ForwardCall]:
         """The step's calls (references only); the recorder starts afresh for the next step."""
@@ -260,8 +265,13 @@ class StepRecorder:
 
 
 # ------------------------------------------------------------------------------ event path
+def _own(calls: list[ForwardCall]) -> list[ForwardCall]:
+    """The calls whose loss reached this guard's backward: foreign regions and the calls chained in them go."""
+    return [c for c in calls if not c.foreign and (c.head is None or not c.head.foreign)]
+
+
 def replayable(calls: list[ForwardCall]) -> bool:
-    heads = [c for c in calls if c.head is None]
+    heads = [c for c in _own(calls) if c.head is None]
     return bool(heads) and all(
         c.recorder is not None and not c.recorder.overflowed and c.backward_slot is not None for c in heads
     )
@@ -310,7 +320,7 @@ def _name_loss_inputs(recorder: LossRecorder, prefix: str, named: dict[str, Any]
 
 def build_rerun(calls: list[ForwardCall]) -> Callable[[], torch.Tensor | None]:
     """A function that re-runs the recorded calls and their loss ops, in order, and returns the loss."""
-    calls = [c for c in calls if c.head is None]  # chained calls replay inside their head's ops
+    calls = [c for c in _own(calls) if c.head is None]  # chained calls replay inside their head's ops
 
     def rerun() -> torch.Tensor | None:
         total: torch.Tensor | None = None
@@ -476,7 +486,11 @@ def _rerun_call(call: ForwardCall) -> torch.Tensor | None:
         values[("out", i)] = value
 
     def bind(value: Any) -> Any:
-        return values.get(value.key) if isinstance(value, _Slot) else value
+        if isinstance(value, _Slot):
+            return values.get(value.key)
+        # A tensor the step computed outside the recorded calls (a GAN's real-image loss from an unwatched
+        # sub-module): its graph was consumed by the step's backward, so the replay uses its value only.
+        return value.detach() if isinstance(value, torch.Tensor) and value.grad_fn is not None else value
 
     for index, op in enumerate(call.recorder.ops):
         result = op.func(*tree_map(bind, op.args), **tree_map(bind, op.kwargs))
@@ -500,19 +514,21 @@ def step_capture(calls: list[ForwardCall], closure: StepCapture | None = None, *
     A closure the user gave is the replay; otherwise the recorded calls are, when every one of them
     reached ``backward()`` with its loss ops recorded in full.
     """
+    calls = _own(calls)
     batch = batch_of(calls)
     renamed: dict[str, str] = {}
     if rename:
         batch, renamed = name_from_frames(batch)
+    recorded = None
+    if replayable(calls):
+        first = calls[0]
+        recorded = StepCapture(
+            rerun=build_rerun(calls), batch=batch, rng_state=first.rng,
+            autocast_dtype=first.autocast[1] if first.autocast else None,
+            device_type=first.autocast[0] if first.autocast else "cpu",
+            eager=any(call.module in _COMPILED for call in calls),
+        )
     if closure is not None:
-        return StepCapture(rerun=closure.rerun, batch=batch, rng_state=closure.rng_state), batch, renamed
-    if not replayable(calls):
-        return None, batch, renamed
-    first = calls[0]
-    capture = StepCapture(
-        rerun=build_rerun(calls), batch=batch, rng_state=first.rng,
-        autocast_dtype=first.autocast[1] if first.autocast else None,
-        device_type=first.autocast[0] if first.autocast else "cpu",
-        eager=any(call.module in _COMPILED for call in calls),
-    )
-    return capture, batch, renamed
+        return (StepCapture(rerun=closure.rerun, batch=batch, rng_state=closure.rng_state, recorded=recorded),
+                batch, renamed)
+    return recorded, batch, renamed

@@ -226,10 +226,13 @@ class Desk:
         saved = SavedState.capture(self.subjects, scoped=True)
         try:
             with self.replay_scope():
-                if capture.rng_state is not None:
-                    capture.rng_state.restore()
-                now = capture.rerun()
-            now_value = float(now.detach().float().sum()) if isinstance(now, torch.Tensor) else math.nan
+                now = _loss_of(capture)
+                if now is None and capture.recorded is not None:  # a closure that re-runs nothing (Lightning)
+                    saved.restore()
+                    now = _loss_of(capture.recorded)
+            if now is None:  # no loss came back: nothing was re-run, so nothing is known
+                return False, None
+            now_value = float(now.detach().float().sum())
         except Exception:  # a replay that cannot run proves nothing either way
             return False, None
         finally:
@@ -245,6 +248,16 @@ class Desk:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.investigations = int(state.get("investigations", 0))
+
+
+def _loss_of(capture: StepCapture) -> torch.Tensor | None:
+    """Re-run ``capture`` from its RNG state; the loss tensor it returns, if any."""
+    if capture.rerun is None:
+        return None
+    if capture.rng_state is not None:
+        capture.rng_state.restore()
+    now = capture.rerun()
+    return now if isinstance(now, torch.Tensor) else None
 
 
 __all__ = ["Case", "Desk"]

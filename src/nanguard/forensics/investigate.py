@@ -154,6 +154,12 @@ def _replays(replay: _Replay, facts: Facts, details: dict[str, Any]) -> None:
     runs: list[ReplayOutcome] = []
     if request.exception is None:
         facts.plain = replay.run("plain")
+        if _ran_nothing(facts.plain) and capture.recorded is not None:
+            # The closure handed to optimizer.step() re-ran no forward or backward: replay the recorded calls.
+            facts.failures.append("replay: the closure given to optimizer.step() re-ran nothing (no loss, no "
+                                  "gradient); the recorded calls were replayed instead")
+            capture = replay.capture = capture.recorded
+            facts.plain = replay.run("plain")
         runs.append(facts.plain)
         facts.checked.append("plain replay")
         if facts.plain.error is None and facts.plain.grads_finite and _wants_update_sim(request, facts):
@@ -170,13 +176,23 @@ def _replays(replay: _Replay, facts: Facts, details: dict[str, Any]) -> None:
         facts.fp32 = replay.run("float32", lambda: float32_mode(tensors))
         runs.append(facts.fp32)
         facts.checked.append("float32 counterfactual")
-    if runs and all(r.error is None and r.loss is None and not r.grad_norms for r in runs):
+        if facts.fp32.error is None:
+            facts.fp32_loss_level = checks.spike_evidence(facts.fp32.loss, request.loss_history,
+                                                          request.spike_stats, "loss")
+            facts.fp32_grad_level = checks.spike_evidence(facts.fp32.total_grad_norm if facts.fp32.grad_norms
+                                                          else None, request.grad_norm_history,
+                                                          request.spike_stats, "grad_norm")
+    if runs and all(_ran_nothing(r) for r in runs):
         facts.failures.append("replay: the recorded step gave no loss and no gradient, so it reproduced nothing "
                               "(the step's backward was not recorded)")
     details["replays"] = [r.to_dict() for r in runs]
     for r in runs:
         r.loss_tensor = None
         r.exception = None
+
+
+def _ran_nothing(run: ReplayOutcome) -> bool:
+    return run.error is None and run.loss is None and not run.grad_norms
 
 
 def _traced(replay: _Replay, facts: Facts, details: dict[str, Any]) -> ReplayOutcome:

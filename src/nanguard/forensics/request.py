@@ -31,6 +31,9 @@ class StepCapture:
     autocast_dtype: torch.dtype | None = None
     device_type: str = "cpu"
     eager: bool = False  # the step ran a ``torch.compile``d module; the replay runs its ``_orig_mod`` eagerly
+    # The recorded calls' replay, kept beside a closure's: a closure that re-runs nothing (Lightning's manual
+    # optimization passes a do-nothing closure to ``optimizer.step``) is no replay of the step, they may be.
+    recorded: StepCapture | None = None
 
 
 @dataclass(kw_only=True)

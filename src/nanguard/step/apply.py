@@ -143,7 +143,7 @@ class StepPipeline:
             self.recorder.on_backward(tensor, gradient, loss)
             self.stall.note_backward(tensor, loss)
         else:
-            self.recorder.stop_recording()
+            self.recorder.stop_recording(foreign=True)
 
     def observe_loss(self, loss: torch.Tensor) -> None:
         self.inputs.observed.append(loss.detach().float().reshape(()))

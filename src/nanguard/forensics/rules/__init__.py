@@ -18,6 +18,7 @@ from nanguard.events import Diagnosis
 from nanguard.forensics.rules.data import rule_extreme_scale, rule_input_nonfinite, rule_label_out_of_range
 from nanguard.forensics.rules.driver import (
     FLOAT32_NORM_OVERFLOW,
+    driver_over_precision,
     rule_nondeterministic,
     rule_norm_overflow,
     rule_spikes,
@@ -62,7 +63,7 @@ def diagnose(facts: Facts) -> Diagnosis:
     for rule in RULES:
         diagnosis = rule(facts)
         if diagnosis is not None:
-            return _with_outlier(facts, diagnosis)
+            return _with_outlier(facts, driver_over_precision(facts, diagnosis))
     return rule_unknown(facts)
 
 

@@ -166,3 +166,70 @@ def rule_unknown(f: Facts) -> Diagnosis:
     )
 
 
+
+
+# The float32 replay this many times its running level (loss or gradient norm) is far off in any precision.
+FAR_OFF = 10.0
+# Low-precision causes whose fix is the dtype: they lead only when the float32 replay is sound.
+PRECISION_CAUSES = frozenset({"forward_overflow", "backward_overflow"})
+
+
+def driver_over_precision(f: Facts, found: Diagnosis) -> Diagnosis:
+    """fp16/bf16 overflowed, but the float32 replay of the step is far off too: the driver leads.
+
+    DESIGN.md, "Where it was born, and why": when the fp32 counterfactual is also far off its running
+    level, precision is not the root (a learning rate 100x too high blows up any dtype; fp16 only gets
+    there first). The driver (divergence, gradient_explosion, loss_spike) names the cause and leads the
+    fixes; the overflow stays in ``contributing`` and the place (phase, module, op) stays the birth's.
+    """
+    if found.cause not in PRECISION_CAUSES or f.fp32 is None or f.fp32.error is not None:
+        return found
+    off = _fp32_far_off(f)
+    if off is None:
+        return found
+    loss_far, grads_far, lines = off
+    trend = f.trend or {}
+    if loss_far and trend.get("ratio", 0.0) >= 2.0:
+        cause, fix = "divergence", {"lr": fmt(f.lr), "ratio": fmt(trend["ratio"])}
+        lines.append(f"the loss was already climbing: its mean rose from {fmt(trend['first'])} to "
+                     f"{fmt(trend['last'])} over the last {fmt(trend['steps'])} steps ({fmt(trend['ratio'])}x)")
+    elif grads_far:
+        cause, fix = "gradient_explosion", None
+    else:
+        cause, fix = "loss_spike", {"ratio": fmt((f.fp32_loss_level or {}).get("ratio"))}
+    if f.lr is not None:
+        lines.append(f"lr {fmt(f.lr)}")
+    grads = {k: v for k, v in f.fp32.grad_norms.items() if math.isfinite(v)}
+    name = max(grads, key=grads.__getitem__) if grads else None
+    driver = make(cause, found.phase, confidence=0.8, evidence=[*lines, *found.evidence[:3]], fix=fix,
+                  tensor=name if cause == "gradient_explosion" else None, module=found.module, op=found.op,
+                  reproducible=found.reproducible)
+    item: dict[str, object] = {"cause": found.cause, "evidence": found.evidence[:3]}
+    driver.contributing = [item, *found.contributing]
+    driver.fixes += [fix for fix in found.fixes if fix not in driver.fixes]
+    return driver
+
+
+def _fp32_far_off(f: Facts) -> tuple[bool, bool, list[str]] | None:
+    """(loss far off, gradients far off, the evidence) of the float32 replay, or None when it looks sound."""
+    fp32 = f.fp32
+    assert fp32 is not None
+    loss_level, grad_level = f.fp32_loss_level, f.fp32_grad_level
+    loss_far = bool(fp32.loss_finite and loss_level and loss_level["mean"] > 0 and loss_level["ratio"] >= FAR_OFF)
+    norm = fp32.total_grad_norm
+    overflowed = bool(fp32.grad_norms) and fp32.grads_finite and norm >= FLOAT32_NORM_OVERFLOW
+    grads_far = overflowed or bool(fp32.grads_finite and grad_level and grad_level["mean"] > 0
+                                   and grad_level["ratio"] >= FAR_OFF)
+    if not (loss_far or grads_far):
+        return None
+    parts = []
+    if loss_far and loss_level:
+        parts.append(f"loss {fmt(fp32.loss)}, {fmt(loss_level['ratio'])}x its running level {fmt(loss_level['mean'])}")
+    if overflowed:
+        parts.append(f"grad norm {fmt(norm)}, past float32's range")
+    elif grads_far and grad_level:
+        parts.append(f"grad norm {fmt(norm)}, {fmt(grad_level['ratio'])}x its running level {fmt(grad_level['mean'])}")
+    dtype = "/".join(f.low_precision) or "low-precision"
+    line = (f"the float32 replay of this step is far off too ({'; '.join(parts)}): the {dtype} overflow is a "
+            "symptom, not the root; the step runs away in any precision")
+    return loss_far, grads_far, [line]

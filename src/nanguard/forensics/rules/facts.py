@@ -155,6 +155,9 @@ class Facts:
     plain: ReplayOutcome | None = None
     traced: ReplayOutcome | None = None
     fp32: ReplayOutcome | None = None
+    # How far the float32 replay's loss and gradient norm sit above their running levels (spike_evidence).
+    fp32_loss_level: dict[str, float] | None = None
+    fp32_grad_level: dict[str, float] | None = None
     births: list[Birth] = field(default_factory=list)
     loss_origin: Birth | None = None
     grad_origin: Birth | None = None
