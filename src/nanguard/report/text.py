@@ -66,7 +66,7 @@ def module_name(name: str | None) -> str | None:
     return text
 
 
-LR_BACKOFFS_LABEL = "LR cuts (backoffs + rollbacks)"
+LR_BACKOFFS_LABEL = "LR multiplier cuts"  # an lr_backoff, or a rollback that lowered the multiplier
 """The tile/column that counts how often the LR multiplier went down, whichever action lowered it."""
 
 _CODE_SPAN = re.compile(r"(`+)(.+?)(?<!`)\1(?!`)")
