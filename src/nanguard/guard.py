@@ -42,7 +42,7 @@ from nanguard.actions.rollback import Rollback
 from nanguard.config import GuardConfig, resolve_config
 from nanguard.errors import ConfigError, TrainingAborted, UsageError
 from nanguard.events import Event
-from nanguard.forensics import capture as recording
+from nanguard.forensics import watch as recording
 from nanguard.forensics.desk import Desk
 from nanguard.forensics.request import StepCapture
 from nanguard.patches import Lease, Patches

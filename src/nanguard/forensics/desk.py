@@ -27,7 +27,7 @@ import torch
 from nanguard import distributed as dist_utils
 from nanguard.config import GuardConfig
 from nanguard.events import Diagnosis
-from nanguard.forensics import capture as recording
+from nanguard.forensics import watch as recording
 from nanguard.forensics.capture import ForwardCall, step_capture
 from nanguard.forensics.investigate import investigate
 from nanguard.forensics.request import InvestigationRequest, StepCapture
