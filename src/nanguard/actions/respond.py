@@ -208,8 +208,11 @@ class Responder:
         diagnosis.evidence.insert(0, f"the {what} grew from {stats.first:.4g} ({base}) to {value:.4g} by step {verdict.step}, "
                                      f"{value / stats.first:.3g}x (the early-run limit is {stats.early_ratio:g}x): "
                                      "the run is diverging from its start")
-        diagnosis.fixes = [f"lower the learning rate (now {self.parts.lr.current()}) or add a warm-up",
-                           "clip gradients (torch.nn.utils.clip_grad_norm_) or use the 'clip' preset", *diagnosis.fixes]
+        lr = self.parts.lr.current()
+        now = f" (now {lr:.4g})" if lr is not None else ""
+        diagnosis.fixes = [f"Lower the learning rate{now} or add a warm-up.",
+                           "Clip gradients (`torch.nn.utils.clip_grad_norm_`) or use the `clip` preset.",
+                           *diagnosis.fixes]
 
     def _steady(self, losses: list[float | None]) -> bool:
         """``rollback_after`` positive finite losses on one level (within 4x of each other, the last not 1.5x
