@@ -17,7 +17,7 @@ def test_batch_nonfinite_names_field_counts_and_rows() -> None:
     x = torch.zeros(4, 3)
     x[1, 0], x[3, 2] = float("nan"), float("-inf")
     found = checks.batch_nonfinite({"x": x, "ids": torch.arange(4)})
-    assert found == [{"field": "x", "nan": 1, "inf": 1, "numel": 12, "rows": [1, 3]}]
+    assert found == [{"field": "x", "nan": 1, "inf": 1, "numel": 12, "rows": [1, 3], "positions": [[1, 0], [3, 2]]}]
 
 
 @settings(max_examples=50, deadline=None)

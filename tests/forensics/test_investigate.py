@@ -49,7 +49,7 @@ def test_nan_in_input_field_is_input_nonfinite() -> None:
     model, opt, batch, closure = mlp_case(x, y)
     d = diagnosed(bad_step(model, opt, closure, batch))
     assert (d.cause, d.phase, d.tensor, d.module) == ("input_nonfinite", "data", "x", "fc1")
-    assert "rows [2]" in d.evidence[0]
+    assert "rows [2]" in d.evidence[0] and "first at [2, 1]" in d.evidence[0]  # which feature, not only the row
 
 
 def test_label_equal_to_num_classes_raises_and_is_label_out_of_range() -> None:
@@ -66,6 +66,22 @@ def test_label_equal_to_num_classes_raises_and_is_label_out_of_range() -> None:
         "aten::nll_loss_forward",
     )
     assert any("[0, 10)" in e and "[10]" in e for e in d.evidence)
+
+
+def test_an_out_of_range_token_label_is_placed_at_its_row_and_position() -> None:
+    """HF-style flattened loss: the evidence names [row, position] in the user's `labels`, not a flat index."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(12, 8), torch.nn.Linear(8, 12))
+    opt = torch.optim.Adam(model.parameters())
+    ids = torch.randint(0, 12, (3, 7))
+    labels = ids.roll(-1, dims=1)
+    labels[1, 5] = 12
+    batch = {"input_ids": ids, "labels": labels}
+    closure = closure_for(model, opt, lambda: F.cross_entropy(model(batch["input_ids"]).view(-1, 12),
+                                                                batch["labels"].view(-1)))
+    d = diagnosed(bad_step(model, opt, closure, batch))
+    assert (d.cause, d.tensor) == ("label_out_of_range", "labels")
+    assert any("at [row, position] [1, 5]" in line for line in d.evidence), d.evidence
 
 
 def test_label_beyond_its_datasets_classes_with_masked_logits_does_not_raise() -> None:

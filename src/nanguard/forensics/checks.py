@@ -28,6 +28,22 @@ def _tensor_fields(batch: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
     return [(k, v) for k, v in batch.items() if isinstance(v, torch.Tensor) and v.numel()]
 
 
+def positions_with(mask: torch.Tensor, limit: int = 5) -> list[list[int]]:
+    """The first ``limit`` element positions where ``mask`` is set, as index lists (``[row, token]`` for a
+    sequence field): rows alone do not say which token or feature to look at."""
+    if mask.dim() == 0:
+        return [[]] if bool(mask) else []
+    return [[int(i) for i in index] for index in mask.nonzero()[:limit].tolist()]
+
+
+def positions_of(t: torch.Tensor, values: Sequence[int], limit: int = 5) -> list[list[int]]:
+    """Where integer field ``t`` holds any of ``values`` (the out-of-range labels an op or exception named)."""
+    if t.is_floating_point() or t.dtype == torch.bool or not values:
+        return []
+    with torch.no_grad():
+        return positions_with(torch.isin(t.detach(), torch.tensor(list(values), device=t.device)), limit)
+
+
 def batch_nonfinite(batch: dict[str, Any]) -> list[dict[str, Any]]:
     """Float batch fields holding NaN or Inf, with counts and the batch rows that hold them."""
     found = []
@@ -37,10 +53,9 @@ def batch_nonfinite(batch: dict[str, Any]) -> list[dict[str, Any]]:
         with torch.no_grad():
             nan, inf = torch.stack([t.isnan().sum(), t.isinf().sum()]).tolist()
             if nan or inf:
-                rows = rows_with(~torch.isfinite(t.detach()))
-                found.append(
-                    {"field": name, "nan": int(nan), "inf": int(inf), "numel": t.numel(), "rows": rows}
-                )
+                bad = ~torch.isfinite(t.detach())
+                found.append({"field": name, "nan": int(nan), "inf": int(inf), "numel": t.numel(),
+                              "rows": rows_with(bad), "positions": positions_with(bad)})
     return found
 
 

@@ -240,6 +240,7 @@ def _label_findings(request: InvestigationRequest, batch: dict[str, Any], facts:
             classes = op["num_classes"]
             field_name = op.get("field") or _field_holding(batch, op.get("out_of_range_values") or [])
             valid = f"[0, {classes})" if classes is not None else "the class range"
+            where = _positions_in(batch, field_name, op["out_of_range_values"] or [])
             facts.labels.append(
                 {
                     "field": field_name,
@@ -249,7 +250,7 @@ def _label_findings(request: InvestigationRequest, batch: dict[str, Any], facts:
                     "needed": max(op["out_of_range_values"] or [classes]) + 1,
                     "evidence": f"{op['op']}: {op['out_of_range']} target(s) outside {valid} "
                     f"(values {op['out_of_range_values']}, ignore_index {op['ignore_index']}) in "
-                    f"`{field_name or 'the target'}`, rows {op['out_of_range_rows']}",
+                    f"`{field_name or 'the target'}`, rows {op['out_of_range_rows']}{where}",
                 }
             )
     exc = facts.exception
@@ -268,7 +269,8 @@ def _label_findings(request: InvestigationRequest, batch: dict[str, Any], facts:
                 "num_classes": None,
                 "needed": value + 1 if value is not None else None,
                 "evidence": f"target {value} is out of bounds"
-                + (f"; batch field `{fields[0]}` holds it" if fields else ""),
+                + (f"; batch field `{fields[0]}` holds it" if fields else "")
+                + (_positions_in(batch, fields[0], [value]) if fields and value is not None else ""),
             }
         )
     elif exc["kind"] == "index_out_of_range" and not facts.tokens:
@@ -295,6 +297,15 @@ def _place_modules(stats: list[dict[str, Any]], facts: Facts, diagnosis: Diagnos
             stat["role"] = "upstream"
         else:
             stat["role"] = "clean"
+
+
+def _positions_in(batch: dict[str, Any], field_name: str | None, values: list[int]) -> str:
+    """" at [row, position] [3, 17]" where a batch field holds the bad values (empty for a 1-d field: rows say it)."""
+    t = batch.get(field_name) if field_name else None
+    if not isinstance(t, torch.Tensor) or t.dim() < 2:
+        return ""
+    positions = checks.positions_of(t, [int(v) for v in values])
+    return f" at [row, position] {', '.join(str(p) for p in positions)}" if positions else ""
 
 
 def _field_holding(batch: dict[str, Any], values: list[int]) -> str | None:

@@ -3,8 +3,16 @@ and the batch of extreme scale that drove the step (a driver, checked here next 
 
 from __future__ import annotations
 
+from typing import Any
+
 from nanguard.events import Diagnosis
 from nanguard.forensics.rules.facts import Facts, count, fmt, make, mod
+
+
+def _at(finding: dict[str, Any], words: str) -> str:
+    """"; first at [2, 17]" for a field of two or more dimensions (which token or feature), else nothing."""
+    positions = [p for p in finding.get("positions") or [] if len(p) >= 2]
+    return f"; {words} {', '.join(str(p) for p in positions[:3])}" if positions else ""
 
 
 def rule_input_nonfinite(f: Facts) -> Diagnosis | None:
@@ -14,7 +22,7 @@ def rule_input_nonfinite(f: Facts) -> Diagnosis | None:
     evidence = [
         f"batch field `{b['field']}` holds "
         f"{', '.join(count(n, w) for n, w in ((b['nan'], 'NaN'), (b['inf'], 'Inf')) if n)} among {b['numel']:,} "
-        f"values (rows {b['rows']})"
+        f"values (rows {b['rows']}{_at(b, 'first at')})"
         for b in f.batch_nonfinite[:4]
     ]
     used = next(
